@@ -1,0 +1,2 @@
+"""SAR-ResNet backbones for OpenMMLab."""
+from .version import __version__
