@@ -22,7 +22,7 @@ setup(
     long_description=Path('README.md').read_text() if Path('README.md').exists() else '',
     long_description_content_type='text/markdown',
     license='Apache-2.0',
-    python_requires='>=3.9',
+    python_requires='>=3.10',
     packages=find_packages(include=['sar_backbones', 'sar_backbones.*']),
     # mmcv must be built from source with ops (scripts/install.sh); it is not
     # listed here so that pip never tries to build it on its own.

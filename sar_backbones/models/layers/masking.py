@@ -1,0 +1,91 @@
+"""Patch masks and nearest-neighbour resampling shared by the dense and sparse paths.
+
+Both inference paths must agree bit for bit on which pixel belongs to which
+patch, so the pixel -> patch assignment is defined once here, in integer
+arithmetic: pixel ``y`` of an ``H``-pixel axis split into ``K`` patches belongs
+to patch ``(y * K) // H``. This is nearest-neighbour upsampling of the ``K x K``
+mask to ``H x W`` and is exact for sizes that ``K`` does not divide, where
+float-scale interpolation could round differently.
+"""
+import math
+from typing import Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+
+def nearest_source_index(out_size: int, in_size: int, device: torch.device) -> Tensor:
+    """Index of the source cell each of ``out_size`` output cells copies from."""
+    return torch.arange(out_size, device=device) * in_size // out_size
+
+
+def grid_for_feature(height: int, width: int, patch_grid: int | None,
+                     patch_size: int | None) -> Tuple[int, int]:
+    """Patch grid ``(Kh, Kw)`` of a feature map.
+
+    ``patch_grid=K`` gives ``K x K`` patches whatever the input size (the
+    paper's setting); ``patch_size=p`` gives ``ceil(H/p) x ceil(W/p)`` patches
+    of about ``p x p`` pixels (for detection-size inputs).
+    """
+    if patch_grid is not None:
+        return patch_grid, patch_grid
+    return math.ceil(height / patch_size), math.ceil(width / patch_size)
+
+
+def expand_mask(mask: Tensor, size: Sequence[int]) -> Tensor:
+    """Nearest-upsample a patch mask ``(B, G, Kh, Kw)`` to pixels ``(B, G, H, W)``.
+
+    Differentiable in ``mask`` so that the straight-through gradient of the
+    Gumbel-softmax reaches the region selectors.
+    """
+    rows = nearest_source_index(size[0], mask.shape[-2], mask.device)
+    cols = nearest_source_index(size[1], mask.shape[-1], mask.device)
+    return mask.index_select(-2, rows).index_select(-1, cols)
+
+
+def apply_group_mask(x: Tensor, pixel_mask: Tensor) -> Tensor:
+    """Zero the unselected pixels of each channel group.
+
+    Args:
+        x (Tensor): Features ``(B, C, H, W)``; group ``g`` owns channels
+            ``[g*C/G, (g+1)*C/G)``.
+        pixel_mask (Tensor): ``(B, G, H, W)`` mask of group ``g``.
+    """
+    b, c, h, w = x.shape
+    groups = pixel_mask.shape[1]
+    masked = x.view(b, groups, c // groups, h, w) * pixel_mask.unsqueeze(2).to(x.dtype)
+    return masked.view(b, c, h, w)
+
+
+def nearest_upsample(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Nearest-neighbour upsampling to an exact ``size`` (odd sizes included)."""
+    h, w = x.shape[-2:]
+    out_h, out_w = size
+    if out_h % h == 0 and out_w % w == 0:
+        # Integer factors: broadcast instead of gathering, one copy in total.
+        rh, rw = out_h // h, out_w // w
+        b, c = x.shape[:2]
+        return x[:, :, :, None, :, None].expand(b, c, h, rh, w, rw).reshape(b, c, out_h, out_w)
+    rows = nearest_source_index(out_h, h, x.device)
+    cols = nearest_source_index(out_w, w, x.device)
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
+def fuse_upsampled(low: Tensor, high: Tensor, low_weight: Tensor) -> Tensor:
+    """``ReLU(a * up(low) + (1 - a) * high)`` without materialising ``up(low)``.
+
+    Args:
+        low (Tensor): Base-branch features ``(B, C, h, w)``.
+        high (Tensor): Refine-branch features ``(B, C, H, W)``.
+        low_weight (Tensor): Channel weights ``a`` of shape ``(B, C, 1, 1)``.
+    """
+    b, c, h, w = low.shape
+    out_h, out_w = high.shape[-2:]
+    weighted_low = low * low_weight
+    weighted_high = high * (1 - low_weight)
+    if out_h % h == 0 and out_w % w == 0:
+        # The weighted low-resolution map broadcasts over each rh x rw block.
+        rh, rw = out_h // h, out_w // w
+        fused = weighted_high.reshape(b, c, h, rh, w, rw) + weighted_low[:, :, :, None, :, None]
+        return fused.relu_().reshape(b, c, out_h, out_w)
+    return (weighted_high + nearest_upsample(weighted_low, (out_h, out_w))).relu_()

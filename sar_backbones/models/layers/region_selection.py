@@ -1,0 +1,93 @@
+"""Region selection (paper Sec. III-A.2, Eq. 2 and Eq. 8-9)."""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmcv.cnn import build_norm_layer
+from torch import Tensor
+
+# Initial logits of {skip, keep}: keep wins by a wide margin, so that training
+# starts with every region selected (paper: "initialized to select the whole
+# feature maps"), as in the authors' model.
+_INIT_SKIP_LOGIT = 1.0
+_INIT_KEEP_LOGIT = 10.0
+
+
+def straight_through_gumbel(keep_logit: Tensor, skip_logit: Tensor, tau: float,
+                            generator: Optional[torch.Generator] = None) -> Tensor:
+    """Hard binary Gumbel-softmax sample with straight-through gradients.
+
+    Forward: ``1[keep_logit + g1 > skip_logit + g0]`` with i.i.d. Gumbel
+    noise (Eq. 8). Backward: the gradient of the relaxed two-way softmax at
+    temperature ``tau`` (Eq. 9). Sampling runs in float32 so that the noise
+    ``-log(-log(u))`` stays finite under autocast.
+    """
+    keep_logit, skip_logit = keep_logit.float(), skip_logit.float()
+    tiny = torch.finfo(torch.float32).tiny
+    uniform = torch.rand((2, ) + keep_logit.shape, device=keep_logit.device,
+                         generator=generator).clamp_(tiny, 1.0 - 1e-7)
+    gumbel = -torch.log(-torch.log(uniform))
+    # softmax over {skip, keep} of the keep entry == sigmoid of the difference.
+    soft_keep = torch.sigmoid(((keep_logit + gumbel[1]) - (skip_logit + gumbel[0])) / tau)
+    hard_keep = (soft_keep > 0.5).float()
+    return hard_keep + soft_keep - soft_keep.detach()
+
+
+class RegionSelector(nn.Module):
+    """Predicts which patches of each channel group the refine block processes.
+
+    ``logits = W_1x1 * AvgPool_K(ReLU(BN(W_3x3 * x_base)))`` (Eq. 2) with all
+    convolutions grouped by ``G`` so that each group decides for itself.
+
+    Args:
+        in_channels (int): Channels of the base-branch feature ``C/alpha``.
+        groups (int): Number of channel groups ``G`` of the refine branch.
+        norm_cfg (dict): Norm layer config.
+        hidden_per_group (int): Hidden channels per group. Defaults to 4.
+
+    Example:
+        >>> selector = RegionSelector(in_channels=128, groups=2)
+        >>> mask = selector.eval()(torch.rand(1, 128, 28, 28), grid=(14, 14), tau=1.0)
+        >>> mask.shape, bool(mask.all())  # everything selected at init
+        (torch.Size([1, 2, 14, 14]), True)
+    """
+
+    def __init__(self, in_channels: int, groups: int, norm_cfg: dict = dict(type='BN'),
+                 hidden_per_group: int = 4) -> None:
+        super().__init__()
+        hidden = hidden_per_group * groups
+        self.groups = groups
+        self.conv = nn.Conv2d(in_channels, hidden, 3, padding=1, groups=groups, bias=False)
+        self.norm = build_norm_layer(norm_cfg, hidden)[1]
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Conv2d(hidden, 2 * groups, 1, groups=groups, bias=True)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_normal_(self.conv.weight, mode='fan_out', nonlinearity='relu')
+        # Small weights keep the initial decision at the bias (select all),
+        # whatever the features look like.
+        nn.init.normal_(self.fc.weight, std=1e-3)
+        with torch.no_grad():
+            self.fc.bias.view(self.groups, 2).copy_(
+                torch.tensor([_INIT_SKIP_LOGIT, _INIT_KEEP_LOGIT]))
+
+    def logits(self, x: Tensor, grid: Tuple[int, int]) -> Tensor:
+        """Logits ``(B, G, 2, Kh, Kw)`` of {skip, keep} per group and patch."""
+        hidden = self.relu(self.norm(self.conv(x)))
+        out = self.fc(F.adaptive_avg_pool2d(hidden, grid))
+        return out.view(x.shape[0], self.groups, 2, grid[0], grid[1])
+
+    def forward(self, x: Tensor, grid: Tuple[int, int], tau: float) -> Tensor:
+        """Binary mask ``(B, G, Kh, Kw)``: 1 = refine this patch.
+
+        Training samples with the straight-through Gumbel-softmax at
+        temperature ``tau``; evaluation is deterministic (keep where the keep
+        logit wins), with no noise.
+        """
+        logits = self.logits(x, grid)
+        skip, keep = logits.unbind(dim=2)
+        if self.training:
+            return straight_through_gumbel(keep, skip, tau)
+        return (keep > skip).to(x.dtype)
