@@ -42,7 +42,8 @@ class SARResNet(BaseModule):
     temperature ``tau`` and adds the activation-rate loss
     (:meth:`get_aux_losses`). Evaluation uses deterministic masks and, by
     default, a sparse path that convolves only the selected patches and
-    computes exactly what the dense masked path computes.
+    computes exactly what the dense masked path computes (it runs when
+    gradients are disabled, as in every OpenMMLab val/test loop).
 
     Args:
         depth (int): 18, 34 (BasicBlock) or 50, 101 (Bottleneck).
@@ -299,7 +300,10 @@ class SARResNet(BaseModule):
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         self._check_input(x)
-        sparse = not self.training and self.inference_mode == 'sparse'
+        # The sparse path has no autograd support; with gradients enabled the
+        # dense masked path computes the same function.
+        sparse = (not self.training and self.inference_mode == 'sparse'
+                  and not torch.is_grad_enabled())
         x = self._stem_forward(x)
         outs = []
         masks: List[Tensor] = []

@@ -71,7 +71,11 @@ class ResidualBlock(nn.Module):
     groups (the sub-branches of the refine branch). Given a pixel mask, the
     input and each intermediate activation of group ``g`` are zeroed outside
     the regions selected for ``g`` (Eq. 3, as in the authors' model), while the
-    shortcut takes the unmasked input and the last norm is not masked.
+    shortcut takes the unmasked input and the last norm is not masked: at an
+    unselected pixel the block outputs ``shortcut + BN shift``. The authors'
+    BasicBlock let its last 3x3 conv reach one pixel past the selection; here
+    every convolution stays inside it (a no-op for the Bottleneck, whose last
+    conv is 1x1), so that the cost is exactly ``rate x dense``.
 
     Args:
         in_channels (int): Input channels.
@@ -129,8 +133,15 @@ class ResidualBlock(nn.Module):
         for index, (conv, norm) in enumerate(pairs):
             if pixel_mask is not None:
                 out = apply_group_mask(out, pixel_mask)
-            out = norm(conv(out))
-            if index < len(pairs) - 1:
+            out = conv(out)
+            is_last = index == len(pairs) - 1
+            if pixel_mask is not None and is_last and conv.kernel_size[0] > 1:
+                # A last 3x3 conv (BasicBlock) would otherwise write one pixel
+                # beyond the selection; keeping every conv inside it makes the
+                # cost exactly rate x dense and lets the sparse path skip the halo.
+                out = apply_group_mask(out, pixel_mask)
+            out = norm(out)
+            if not is_last:
                 out = self.relu(out)
         out = out + identity
         return self.relu(out) if self.last_relu else out

@@ -30,8 +30,19 @@ def straight_through_gumbel(keep_logit: Tensor, skip_logit: Tensor, tau: float,
     gumbel = -torch.log(-torch.log(uniform))
     # softmax over {skip, keep} of the keep entry == sigmoid of the difference.
     soft_keep = torch.sigmoid(((keep_logit + gumbel[1]) - (skip_logit + gumbel[0])) / tau)
-    hard_keep = (soft_keep > 0.5).float()
-    return hard_keep + soft_keep - soft_keep.detach()
+    return _BinarizeStraightThrough.apply(soft_keep)
+
+
+class _BinarizeStraightThrough(torch.autograd.Function):
+    """``1[p > 0.5]`` forward, identity backward: exact 0/1 values, the soft gradient."""
+
+    @staticmethod
+    def forward(ctx, soft: Tensor) -> Tensor:
+        return (soft > 0.5).to(soft.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
 
 
 class RegionSelector(nn.Module):

@@ -1,0 +1,83 @@
+"""The masked, grouped residual block against an explicit per-group reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sar_backbones.models.layers import BasicBlock, Bottleneck, expand_mask
+from sar_backbones.models.layers.masking import nearest_source_index, nearest_upsample
+from tests.models.helpers import randomize_norms, relative_error
+
+
+def _bn(x, bn):
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+
+def reference_refine_block(block, x, patch_mask):
+    """Eq. 3 written out group by group: mask the input and each hidden activation."""
+    groups = block.groups
+    size = x.shape[-2:]
+    rows = torch.arange(size[0]) * patch_mask.shape[-2] // size[0]
+    cols = torch.arange(size[1]) * patch_mask.shape[-1] // size[1]
+    pixel = patch_mask[:, :, rows][:, :, :, cols]  # (B, G, H, W)
+    outputs = []
+    pairs = block.convs_and_norms
+    for g in range(groups):
+        m = pixel[:, g:g + 1]
+        out = x.chunk(groups, dim=1)[g]
+        for i, (conv, norm) in enumerate(pairs):
+            w = conv.weight.chunk(groups, dim=0)[g]
+            out = F.conv2d(out * m, w, padding=conv.padding, dilation=conv.dilation)
+            if i == len(pairs) - 1:
+                out = out * m  # every conv stays inside the selection
+            bn_slice = torch.nn.BatchNorm2d(w.shape[0]).eval()
+            for name in ('weight', 'bias', 'running_mean', 'running_var'):
+                getattr(bn_slice, name).data.copy_(getattr(norm, name).chunk(groups)[g])
+            out = bn_slice(out)
+            if i < len(pairs) - 1:
+                out = out.relu()
+        outputs.append(out)
+    identity = x if block.shortcut is None else block.shortcut(x)
+    out = torch.cat(outputs, dim=1) + identity
+    return out.relu() if block.last_relu else out
+
+
+@pytest.mark.parametrize('block_type,in_ch,out_ch', [(Bottleneck, 64, 256), (Bottleneck, 256, 256),
+                                                     (BasicBlock, 64, 128), (BasicBlock, 64, 64)])
+@pytest.mark.parametrize('groups', [1, 2, 4])
+@pytest.mark.parametrize('last_relu', [True, False])
+def test_masked_block_matches_reference(block_type, in_ch, out_ch, groups, last_relu):
+    torch.manual_seed(0)
+    block = randomize_norms(block_type(in_ch, out_ch, groups=groups, last_relu=last_relu)).eval()
+    x = torch.randn(2, in_ch, 13, 17)
+    patch_mask = (torch.rand(2, groups, 4, 5) > 0.5).float()
+    with torch.no_grad():
+        actual = block(x, expand_mask(patch_mask, x.shape[-2:]))
+        expected = reference_refine_block(block, x, patch_mask)
+    assert relative_error(actual, expected) < 1e-5
+
+
+def test_unselected_pixels_get_shortcut_plus_bn_shift():
+    torch.manual_seed(0)
+    block = randomize_norms(Bottleneck(64, 64, groups=2)).eval()
+    x = torch.randn(1, 64, 8, 8)
+    with torch.no_grad():
+        out = block(x, torch.zeros(1, 2, 8, 8))
+        bn = block.bn3
+        shift = bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    torch.testing.assert_close(out, (x + shift.view(1, -1, 1, 1)).relu())
+
+
+def test_nearest_index_matches_torch_nearest_where_exact():
+    # Integer-arithmetic nearest indices equal torch's for the sizes used in practice.
+    for out_size, in_size in [(56, 14), (28, 7), (14, 2), (200, 50), (304, 76), (25, 13)]:
+        x = torch.arange(in_size, dtype=torch.float32).view(1, 1, 1, in_size)
+        expected = F.interpolate(x, size=(1, out_size), mode='nearest').view(-1).long()
+        assert torch.equal(nearest_source_index(out_size, in_size, torch.device('cpu')), expected)
+
+
+def test_nearest_upsample_broadcast_and_gather_paths_agree():
+    x = torch.randn(2, 3, 7, 5)
+    for size in [(14, 10), (13, 9), (28, 20)]:
+        rows = torch.arange(size[0]) * 7 // size[0]
+        cols = torch.arange(size[1]) * 5 // size[1]
+        torch.testing.assert_close(nearest_upsample(x, size), x[:, :, rows][:, :, :, cols])
