@@ -1,0 +1,44 @@
+# Entry points of sar_backbones: `make install`, `make test`, `make demo`.
+#
+# Everything runs from the project's virtual environment, which lives outside
+# the repository (default ~/.cache/sar_backbones/venv, or $SAR_VENV) so that a
+# fresh clone reuses the expensive mmcv build.  `install` is idempotent: it is
+# a no-op once scripts/install.sh has stamped the environment, so `test` and
+# `demo` can depend on it without cost.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+CACHE_HOME ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)
+VENV ?= $(or $(SAR_VENV),$(CACHE_HOME)/sar_backbones/venv)
+PYTHON := $(VENV)/bin/python
+
+# Parallel test workers and the per-test time limit (seconds; pytest-timeout).
+PYTEST_WORKERS ?= 2
+PYTEST_TIMEOUT ?= 900
+PYTEST_ARGS ?=
+DEMO_WORK_DIR ?= work_dirs/demo
+
+.PHONY: help install test demo lint
+
+help:
+	@echo 'make install  build/refresh the environment in $(VENV) (scripts/install.sh)'
+	@echo 'make test     install, then run the test suite (tests/)'
+	@echo 'make demo     install, then run tools/demo.py into $(DEMO_WORK_DIR)'
+	@echo 'make lint     flake8 over the package, tools and tests (if installed)'
+
+install:
+	SAR_VENV='$(VENV)' bash scripts/install.sh
+
+test: install
+	$(PYTHON) -m pytest tests -n $(PYTEST_WORKERS) --timeout=$(PYTEST_TIMEOUT) -ra $(PYTEST_ARGS)
+
+demo: install
+	$(PYTHON) tools/demo.py --work-dir $(DEMO_WORK_DIR)
+
+lint:
+	@if $(PYTHON) -m flake8 --version >/dev/null 2>&1; then \
+		$(PYTHON) -m flake8 sar_backbones tools tests; \
+	else \
+		echo 'flake8 is not installed in $(VENV); skipping lint'; \
+	fi
