@@ -1,4 +1,5 @@
 """SAR-ResNet: ResNet with Spatially Adaptive feature Refinement (Han et al., TIP 2021)."""
+import math
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -159,7 +160,7 @@ class SARResNet(BaseModule):
             patch_grids=patch_grids, patch_sizes=patch_sizes, target_rate=target_rate,
             rate_loss=rate_loss, rate_loss_weight=rate_loss_weight, temperature=temperature,
             strides=strides, dilations=dilations, out_indices=out_indices,
-            inference_mode=inference_mode, norm_cfg=norm_cfg)
+            inference_mode=inference_mode, norm_cfg=norm_cfg, frozen_stages=frozen_stages)
 
         self.groups = groups
         self.base_strides = base_strides
@@ -293,6 +294,33 @@ class SARResNet(BaseModule):
             raise ValueError(f'SARResNet expects {self.in_channels} input channels '
                              f'(in_channels={self.in_channels}), got {x.shape[1]} '
                              f'in an input of shape {tuple(x.shape)}')
+        stem_dtype = (self.stem[0] if self.deep_stem else self.conv1).weight.dtype
+        if not x.is_floating_point() or (x.dtype != stem_dtype
+                                         and not torch.is_autocast_enabled(x.device.type)):
+            raise TypeError(f'SARResNet expects a floating-point input of the dtype of its '
+                            f'stem weights ({stem_dtype}) or autocast, got {x.dtype}; normalise '
+                            'images with a data preprocessor first')
+        if self.patch_grid is not None:
+            # SAR stage i works at stride 4 * strides[1] * ... * strides[i] (ceil rounding).
+            height, width = x.shape[-2:]
+            stride, need, too_small = 4, 1, None
+            for index, grid in enumerate(self.patch_grid):
+                stride *= self.strides[index]
+                need = max(need, (grid - 1) * stride + 1)
+                size = (math.ceil(height / stride), math.ceil(width / stride))
+                if too_small is None and min(size) < grid:
+                    too_small = (index + 1, size, stride, grid)
+            if too_small is not None:
+                stage, size, stride, grid = too_small
+                raise ValueError(
+                    f'input {height}x{width} is too small for SAR stage {stage}: its '
+                    f'{size[0]}x{size[1]} feature map (stride {stride}) cannot hold a {grid}x{grid} '
+                    f'patch grid (patch_grid={self.patch_grid}); feed at least {need}x{need} '
+                    'pixels or use patch_size=... (a grid that follows the input size)')
+        # NaN/inf input makes every mask logit NaN, and NaN binarises to 'skip':
+        # the rate loss would be finite but meaningless. get_aux_losses reports it
+        # (checked there to avoid a second device synchronisation).
+        self._input_finite = torch.isfinite(x).all() if self.training else None
 
     def _stem_forward(self, x: Tensor) -> Tensor:
         x = self.stem(x) if self.deep_stem else self.relu(self.bn1(self.conv1(x)))
@@ -362,7 +390,15 @@ class SARResNet(BaseModule):
             logs[f'act_rate_stage{index}'] = rates[:, cols].mean().detach()
         if self.training:
             loss = self.rate_loss_weight * self.rate_loss_value(rates)
-            if not torch.isfinite(loss):
+            input_finite = getattr(self, '_input_finite', None)
+            ok = torch.isfinite(loss) if input_finite is None else \
+                torch.isfinite(loss) & input_finite
+            if not ok:
+                if input_finite is not None and not input_finite:
+                    raise FloatingPointError(
+                        'the input of the last training forward contains NaN or inf, so every '
+                        'region mask was sampled from NaN logits and the activation-rate loss '
+                        f'({loss.item()}) is meaningless; check the data pipeline and the loss scale')
                 raise FloatingPointError(
                     f'the activation-rate loss is {loss.item()} (rates finite: '
                     f'{bool(torch.isfinite(rates).all())}); check the input and the learning rate')
@@ -430,7 +466,7 @@ def _check_target_rate(target: float) -> None:
 def _check_arguments(*, block, stage_channels, stem_channels, groups, base_strides, alpha, beta,
                      patch_grids, patch_sizes, target_rate, rate_loss, rate_loss_weight,
                      temperature, strides, dilations, out_indices, inference_mode,
-                     norm_cfg) -> None:
+                     norm_cfg, frozen_stages=-1) -> None:
     """Reject configurations that would build a wrong or broken model, naming the option."""
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f'groups (G) must be a positive int, got {groups!r}')
@@ -448,10 +484,14 @@ def _check_arguments(*, block, stage_channels, stem_channels, groups, base_strid
     _check_target_rate(target_rate)
     if rate_loss not in ('batch', 'sample'):
         raise ValueError(f"rate_loss must be 'batch' (Eq. 10) or 'sample' (Eq. 11), got {rate_loss!r}")
-    if rate_loss_weight < 0:
-        raise ValueError(f'rate_loss_weight (lambda) must be >= 0, got {rate_loss_weight}')
-    if not temperature > 0:
-        raise ValueError(f'temperature must be > 0, got {temperature}')
+    if not (math.isfinite(rate_loss_weight) and rate_loss_weight >= 0):
+        raise ValueError(f'rate_loss_weight (lambda) must be a finite number >= 0, '
+                         f'got {rate_loss_weight}')
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f'temperature must be a finite number > 0, got {temperature}')
+    if frozen_stages not in range(-1, 5):
+        raise ValueError(f'frozen_stages must be -1 (none), 0 (stem) or 1..4 (stem and the '
+                         f'first stages), got {frozen_stages!r}')
     if inference_mode not in ('sparse', 'dense'):
         raise ValueError(f"inference_mode must be 'sparse' or 'dense', got {inference_mode!r}")
     if inference_mode == 'sparse' and 'BN' not in norm_cfg.get('type', ''):

@@ -131,7 +131,8 @@ class SARStage(nn.Module):
             x_base = self.base_align(x_base)
         if self.refine_align is not None:
             x_refine = self.refine_align(x_refine)
-        out = self.fusion_gate(x_base, x_refine)
+        # The sparse path's refine output is a scratch buffer nobody else holds.
+        out = self.fusion_gate(x_base, x_refine, in_place=sparse and self.refine_align is None)
         if self.exit is not None:
             out = self.exit(out)
         return out, masks

@@ -34,6 +34,9 @@ class FusionGate(nn.Module):
         pooled = self.pool(x_base).view(b, c)
         return self.fc2(self.relu(self.fc1(pooled))).sigmoid().view(b, c, 1, 1)
 
-    def forward(self, x_base: Tensor, x_refine: Tensor) -> Tensor:
-        """Fuse the low-resolution base features into the refine resolution."""
-        return fuse_upsampled(x_base, x_refine, self.weights(x_base))
+    def forward(self, x_base: Tensor, x_refine: Tensor, in_place: bool = False) -> Tensor:
+        """Fuse the low-resolution base features into the refine resolution.
+
+        ``in_place=True`` reuses ``x_refine``'s memory (inference only).
+        """
+        return fuse_upsampled(x_base, x_refine, self.weights(x_base), in_place=in_place)

@@ -71,21 +71,41 @@ def nearest_upsample(x: Tensor, size: Sequence[int]) -> Tensor:
     return x.index_select(-2, rows).index_select(-1, cols)
 
 
-def fuse_upsampled(low: Tensor, high: Tensor, low_weight: Tensor) -> Tensor:
+def fuse_upsampled(low: Tensor, high: Tensor, low_weight: Tensor, in_place: bool = False) -> Tensor:
     """``ReLU(a * up(low) + (1 - a) * high)`` without materialising ``up(low)``.
 
     Args:
         low (Tensor): Base-branch features ``(B, C, h, w)``.
         high (Tensor): Refine-branch features ``(B, C, H, W)``.
         low_weight (Tensor): Channel weights ``a`` of shape ``(B, C, 1, 1)``.
+        in_place (bool): Overwrite ``high`` (inference, when it is a scratch buffer).
+
+    Returns:
+        Tensor: ``(B, C, H, W)`` in the memory format of ``high``.
     """
     b, c, h, w = low.shape
     out_h, out_w = high.shape[-2:]
     weighted_low = low * low_weight
-    weighted_high = high * (1 - low_weight)
-    if out_h % h == 0 and out_w % w == 0:
-        # The weighted low-resolution map broadcasts over each rh x rw block.
-        rh, rw = out_h // h, out_w // w
-        fused = weighted_high.reshape(b, c, h, rh, w, rw) + weighted_low[:, :, :, None, :, None]
-        return fused.relu_().reshape(b, c, out_h, out_w)
-    return (weighted_high + nearest_upsample(weighted_low, (out_h, out_w))).relu_()
+    if out_h % h or out_w % w:
+        return torch.addcmul(nearest_upsample(weighted_low, (out_h, out_w)), high,
+                             1 - low_weight).relu_()
+    # Integer factors: view each output pixel as (low pixel, offset) and let
+    # the weighted low-resolution map broadcast over the offsets, in one pass.
+    rh, rw = out_h // h, out_w // w
+    channels_last = high.is_contiguous(memory_format=torch.channels_last) and not high.is_contiguous()
+    if channels_last:
+        high6 = high.permute(0, 2, 3, 1).reshape(b, h, rh, w, rw, c)
+        low6 = weighted_low.permute(0, 2, 3, 1).reshape(b, h, 1, w, 1, c)
+        high_weight = (1 - low_weight).view(b, 1, 1, 1, 1, c)
+    else:
+        high6 = high.reshape(b, c, h, rh, w, rw)
+        low6 = weighted_low.view(b, c, h, 1, w, 1)
+        high_weight = (1 - low_weight).view(b, c, 1, 1, 1, 1)
+    if in_place:
+        # Large fresh buffers cost page faults; reuse the refine output.
+        fused = high6.mul_(high_weight).add_(low6).relu_()
+    else:
+        fused = torch.addcmul(low6, high6, high_weight).relu_()
+    if channels_last:
+        return fused.view(b, out_h, out_w, c).permute(0, 3, 1, 2)
+    return fused.view(b, c, out_h, out_w)

@@ -142,44 +142,58 @@ def _run_group(block: ResidualBlock, x_flat: Tensor, patches: GroupPatches, layo
 
 def sparse_block_forward(block: ResidualBlock, x_flat: Tensor, mask: Tensor,
                          size: Tuple[int, int]) -> Tensor:
-    """One refine block on a flat ``(B*H*W + 2, C)`` buffer; returns the same layout."""
+    """One refine block on a flat ``(B*H*W + 2, C)`` buffer; returns the same layout.
+
+    With an identity shortcut the block updates ``x_flat`` in place (after
+    all groups have read it), which saves a full-size buffer per block.
+    """
     height, width = size
-    pixels = height * width
     num_rows = x_flat.shape[0] - 2
-    batch, groups = mask.shape[:2]
     convs, shortcut = block.folded()
-    last_bias = convs[-1].bias.to(x_flat.dtype)
-
-    out = x_flat.new_empty(num_rows + 2, block.out_channels)
-    if shortcut is None:
-        torch.add(x_flat[:num_rows], last_bias, out=out[:num_rows])
-    else:
-        weight, bias = shortcut
-        torch.addmm((bias + convs[-1].bias).to(x_flat.dtype), x_flat[:num_rows],
-                    weight.flatten(1).t().to(x_flat.dtype), out=out[:num_rows])
-
     layout = patch_layout(height, width, tuple(mask.shape[-2:]), block.dilation, x_flat.device)
     flat_mask = mask.flatten(2).bool()
+    groups = flat_mask.shape[1]
+    residuals = []
     for group in range(groups):
-        patches = select_patches(flat_mask[:, group], layout, pixels)
-        if patches.count == 0:
-            continue
-        residual = _run_group(block, x_flat, patches, layout, group)
+        patches = select_patches(flat_mask[:, group], layout, height * width)
+        if patches.count:
+            residuals.append((group, patches, _run_group(block, x_flat, patches, layout, group)))
+
+    # Everywhere: shortcut + the shift of the last (unmasked) norm.
+    last_bias = convs[-1].bias.to(x_flat.dtype)
+    if shortcut is None:
+        out = x_flat
+        out[:num_rows] += last_bias
+    else:
+        weight, bias = shortcut
+        out = x_flat.new_empty(num_rows + 2, block.out_channels)
+        torch.addmm((bias + convs[-1].bias).to(x_flat.dtype), x_flat[:num_rows],
+                    weight.flatten(1).t().to(x_flat.dtype), out=out[:num_rows])
+    # Selected patches: plus the residual function.
+    for group, patches, residual in residuals:
         cols = _group_slice(block.out_channels, groups, group)
-        out[:, cols].index_add_(0, patches.write_core, residual.to(out.dtype))
+        # index_put_ with accumulate is much faster than index_add_ on a column slice.
+        out[:, cols].index_put_((patches.write_core, ), residual.to(out.dtype), accumulate=True)
     if block.last_relu:
         out[:num_rows].relu_()
     out[num_rows].zero_()
     return out
 
 
-def sparse_refine_forward(blocks: Sequence[ResidualBlock], x: Tensor, masks: List[Tensor]) -> Tensor:
-    """Run a chain of refine blocks sparsely; returns ``(B, C, H, W)`` (channels-last memory)."""
+def to_flat(x: Tensor) -> Tensor:
+    """``(B, C, H, W)`` -> channels-last rows ``(B*H*W + 2, C)`` with the zero and sink rows."""
     batch, channels, height, width = x.shape
     num_rows = batch * height * width
     x_flat = x.new_empty(num_rows + 2, channels)
     x_flat[:num_rows].view(batch, height, width, channels).copy_(x.permute(0, 2, 3, 1))
     x_flat[num_rows:].zero_()
+    return x_flat
+
+
+def sparse_refine_forward(blocks: Sequence[ResidualBlock], x: Tensor, masks: List[Tensor]) -> Tensor:
+    """Run a chain of refine blocks sparsely; returns ``(B, C, H, W)`` (channels-last memory)."""
+    batch, _, height, width = x.shape
+    x_flat = to_flat(x)
     for block, mask in zip(blocks, masks):
         x_flat = sparse_block_forward(block, x_flat, mask, (height, width))
-    return x_flat[:num_rows].view(batch, height, width, -1).permute(0, 3, 1, 2)
+    return x_flat[:batch * height * width].view(batch, height, width, -1).permute(0, 3, 1, 2)
