@@ -37,7 +37,8 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     log "creating virtual environment $VENV"
     "$PYTHON" -m venv "$VENV"
 fi
-PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check)
+# Every install is held to the tested versions of the whole stack.
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -c "$ROOT/requirements/constraints.txt")
 
 log "installing torch and build tools"
 "${PIP[@]}" -r "$ROOT/requirements/torch.txt"
