@@ -30,8 +30,10 @@ help:
 install:
 	SAR_VENV='$(VENV)' bash scripts/install.sh
 
+# One BLAS/OpenMP thread per pytest worker: two workers with two threads each
+# on two cores oversubscribe the CPU and slow convolutions down by 10-50x.
 test: install
-	$(PYTHON) -m pytest tests -n $(PYTEST_WORKERS) --timeout=$(PYTEST_TIMEOUT) -ra $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PYTHON) -m pytest tests -n $(PYTEST_WORKERS) --timeout=$(PYTEST_TIMEOUT) -ra $(PYTEST_ARGS)
 
 demo: install
 	$(PYTHON) tools/demo.py --work-dir $(DEMO_WORK_DIR)

@@ -38,7 +38,10 @@ class _BinarizeStraightThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, soft: Tensor) -> Tensor:
-        return (soft > 0.5).to(soft.dtype)
+        hard = (soft > 0.5).to(soft.dtype)
+        # NaN would binarise to 0 ("skip") and hide a diverged selector from the
+        # rate loss's finiteness check; let it through instead.
+        return torch.where(torch.isnan(soft), soft, hard)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:

@@ -196,4 +196,5 @@ def sparse_refine_forward(blocks: Sequence[ResidualBlock], x: Tensor, masks: Lis
     x_flat = to_flat(x)
     for block, mask in zip(blocks, masks):
         x_flat = sparse_block_forward(block, x_flat, mask, (height, width))
-    return x_flat[:batch * height * width].view(batch, height, width, -1).permute(0, 3, 1, 2)
+    channels = x_flat.shape[1]  # explicit: -1 cannot be inferred for an empty batch
+    return x_flat[:batch * height * width].view(batch, height, width, channels).permute(0, 3, 1, 2)
