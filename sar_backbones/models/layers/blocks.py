@@ -55,13 +55,17 @@ def make_shortcut(in_channels: int, out_channels: int, stride: int,
 
     The 3x3 window (rather than ResNet-D's 2x2) follows the authors' model.
     """
-    layers: List[nn.Module] = []
-    if stride != 1:
-        layers.append(nn.AvgPool2d(3, stride=stride, padding=1))
+    if stride == 1 and in_channels == out_channels:
+        return None
+    # The pooling slot exists even at stride 1 so that the conv and norm keep
+    # their state-dict keys (shortcut.1/.2) when a segmentation model replaces
+    # a stride by a dilation: ImageNet weights then load unchanged.
+    layers: List[nn.Module] = [
+        nn.AvgPool2d(3, stride=stride, padding=1) if stride != 1 else nn.Identity()]
     if in_channels != out_channels:
         layers.append(build_conv_layer(conv_cfg, in_channels, out_channels, 1, bias=False))
         layers.append(build_norm_layer(norm_cfg, out_channels)[1])
-    return nn.Sequential(*layers) if layers else None
+    return nn.Sequential(*layers)
 
 
 class ResidualBlock(nn.Module):
@@ -164,7 +168,7 @@ class ResidualBlock(nn.Module):
                                self.dilation if spec.kernel_size > 1 else 1)
                     for (conv, norm), spec in zip(self.convs_and_norms, self.specs)
                 ]
-                shortcut = None if self.shortcut is None else fold_conv_norm(*self.shortcut)
+                shortcut = None if self.shortcut is None else fold_conv_norm(*self.shortcut[1:])
             self._folded_cache = (key, (convs, shortcut))
         return self._folded_cache[1]
 

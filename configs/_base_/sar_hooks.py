@@ -1,0 +1,23 @@
+# What every SAR-ResNet training config adds to its OpenMMLab base config.
+custom_imports = dict(imports=['sar_backbones'], allow_failed_imports=False)
+
+custom_hooks = [
+    # Gumbel-softmax temperature tau: exponential decay 1.0 -> 0.01 over
+    # training, per iteration (paper Appendix C).
+    dict(type='sar_backbones.SARTemperatureHook', mode='exp', start=1.0,
+         end=0.01),
+    # Target rate: 1 first, then t + 2(1-t)/3, t + (1-t)/3 and t, reaching t
+    # mid-training (ImageNet: epochs 30, 45 and 60 of 110); t is the
+    # backbone's target_rate. mode='constant' keeps either value fixed.
+    dict(
+        type='sar_backbones.SARTargetRateHook',
+        mode='step',
+        milestones=(30 / 110, 45 / 110, 60 / 110)),
+    # Mean activation rate and effective GFLOPs next to the val/test metrics.
+    dict(type='sar_backbones.SARRateLoggerHook'),
+    # Logged training rates averaged over all ranks, not rank 0's alone.
+    dict(type='sar_backbones.SARRateSyncHook'),
+    # Gumbel noise seeded from (seed, iteration), so a resumed run draws the
+    # same masks as an uninterrupted one.
+    dict(type='sar_backbones.SARNoiseSeedHook'),
+]

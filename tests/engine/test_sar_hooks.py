@@ -1,0 +1,254 @@
+"""SAR schedules and rate reporting inside a real mmengine Runner."""
+import math
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mmengine.evaluator import BaseMetric, Evaluator
+from mmengine.hooks import Hook
+from mmengine.model import BaseModel, BaseTTAModel, MMDistributedDataParallel
+from mmengine.runner import Runner
+from torch import nn
+from torch.utils.data import Dataset
+
+from sar_backbones.analysis import model_complexity
+from sar_backbones.engine import (SARRateLoggerHook, SARTargetRateHook, SARTemperatureHook,
+                                  get_sar_backbone)
+from sar_backbones.models import SARResNet
+from sar_backbones.models.layers import RegionSelector
+
+TARGET = 0.4
+MILESTONES = (0.25, 0.5, 0.75)
+
+
+class ToyData(Dataset):
+    """Random 32x32 images with binary labels (fixed seed)."""
+
+    def __init__(self, size=6, side=32):
+        gen = torch.Generator().manual_seed(0)
+        self.images = torch.rand(size, 3, side, side, generator=gen)
+        self.labels = torch.randint(0, 2, (size, ), generator=gen)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return dict(inputs=self.images[index], labels=self.labels[index])
+
+
+class ToySARClassifier(BaseModel):
+    """SAR-ResNet18 + linear head; the loss includes the rate loss."""
+
+    def __init__(self):
+        super().__init__()
+        # A narrow ResNet-18 (16 base channels) keeps checkpoints small.
+        self.backbone = SARResNet(depth=18, stem_channels=16, base_channels=16,
+                                  patch_grid=(2, 2, 1), target_rate=TARGET, out_indices=(3, ))
+        self.head = nn.Linear(128, 2)
+
+    def forward(self, inputs, labels=None, mode='tensor'):
+        logits = self.head(self.backbone(inputs)[-1].mean((2, 3)))
+        if mode == 'loss':
+            return dict(loss_cls=F.cross_entropy(logits, labels),
+                        **self.backbone.get_aux_losses())
+        if mode == 'predict':
+            return [dict(pred=p, label=t) for p, t in zip(logits.argmax(1), labels)]
+        return logits
+
+
+class ToyAccuracy(BaseMetric):
+
+    def process(self, data_batch, data_samples):
+        self.results.extend(float(s['pred'] == s['label']) for s in data_samples)
+
+    def compute_metrics(self, results):
+        return dict(accuracy=sum(results) / len(results))
+
+
+class RecordHook(Hook):
+    """Records what the SAR hooks set, after they ran (lower priority)."""
+    priority = 'LOW'
+
+    def __init__(self):
+        self.seen = {}
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        backbone = get_sar_backbone(runner.model)
+        hub = runner.message_hub
+        self.seen[runner.iter] = (backbone.temperature, backbone.target_rate,
+                                  hub.get_scalar('train/tau').current(),
+                                  hub.get_scalar('train/target_rate').current())
+
+
+def expected(it, max_iters):
+    progress = it / max_iters
+    tau = 0.01**progress
+    steps = sum(progress >= m for m in MILESTONES)
+    return tau, TARGET + (1 - TARGET) * (3 - steps) / 3
+
+
+def make_runner(work_dir, record, by_epoch=True, resume_from=None, val=False):
+    loader = dict(dataset=ToyData(), sampler=dict(type='DefaultSampler', shuffle=False),
+                  batch_size=2, collate_fn=dict(type='default_collate'))
+    train_loader = dict(loader)
+    if by_epoch:
+        train_cfg = dict(by_epoch=True, max_epochs=4, val_interval=100)
+        checkpoint = dict(type='CheckpointHook', interval=2)
+    else:
+        train_cfg = dict(by_epoch=False, max_iters=12, val_interval=100)
+        # DefaultSampler would make the iteration loop pause 2 s per epoch.
+        train_loader['sampler'] = dict(type='InfiniteSampler', shuffle=False)
+        checkpoint = dict(type='CheckpointHook', interval=6, by_epoch=False)
+    extra = {}
+    if val:
+        extra = dict(val_dataloader=loader, val_cfg=dict(),
+                     val_evaluator=Evaluator(ToyAccuracy()))
+    return Runner(
+        model=ToySARClassifier(),
+        work_dir=str(work_dir),
+        train_dataloader=train_loader,
+        train_cfg=train_cfg,
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
+        default_hooks=dict(checkpoint=checkpoint, logger=dict(type='LoggerHook', interval=1)),
+        custom_hooks=[
+            dict(type='sar_backbones.SARTemperatureHook'),
+            dict(type='sar_backbones.SARTargetRateHook', milestones=MILESTONES),
+            record,
+        ],
+        load_from=resume_from,
+        resume=resume_from is not None,
+        randomness=dict(seed=0),
+        **extra)
+
+
+def test_schedule_formulas():
+    tau_hook = SARTemperatureHook()
+    assert tau_hook.get_temperature(0.) == pytest.approx(1.)
+    assert tau_hook.get_temperature(0.5) == pytest.approx(0.1)
+    assert tau_hook.get_temperature(1.) == pytest.approx(0.01)
+    assert SARTemperatureHook('constant', start=0.3).get_temperature(0.7) == 0.3
+    assert SARTemperatureHook(start=2., end=0.5).get_temperature(0.5) == pytest.approx(1.)
+
+    # The paper's ImageNet steps: 1, t + 2(1-t)/3, t + (1-t)/3, t at epochs 30/45/60 of 110.
+    hook = SARTargetRateHook(target=0.5)
+    for epoch, value in ((0, 1.), (29, 1.), (30, 5 / 6), (44, 5 / 6), (45, 2 / 3), (59, 2 / 3),
+                         (60, 0.5), (109, 0.5)):
+        assert hook.get_target_rate(epoch / 110) == pytest.approx(value), epoch
+    assert SARTargetRateHook(target=0.3, mode='constant').get_target_rate(0.) == 0.3
+
+    with pytest.raises(ValueError, match='mode'):
+        SARTemperatureHook(mode='linear')
+    with pytest.raises(ValueError, match='milestones'):
+        SARTargetRateHook(milestones=(0.5, 0.2, 0.7))
+    with pytest.raises(RuntimeError, match='before_run'):
+        SARTargetRateHook().get_target_rate(0.)
+
+
+@pytest.mark.parametrize('by_epoch', [True, False], ids=['epoch_loop', 'iter_loop'])
+def test_hooks_set_schedule_and_survive_resume(tmp_path, by_epoch):
+    record = RecordHook()
+    runner = make_runner(tmp_path, record, by_epoch=by_epoch)
+    runner.train()
+    assert runner.max_iters == 12
+    assert sorted(record.seen) == list(range(12))
+    for it, (tau, target, logged_tau, logged_target) in record.seen.items():
+        want_tau, want_target = expected(it, 12)
+        assert tau == pytest.approx(want_tau, rel=1e-12), it
+        assert target == pytest.approx(want_target, rel=1e-12), it
+        assert (logged_tau, logged_target) == (tau, target)
+    # Configured t (read from the model) is restored after training.
+    assert get_sar_backbone(runner.model).target_rate == TARGET
+
+    # Resume mid-training (after 6 of 12 iterations) in a fresh runner and model:
+    # the hooks carry no state, so every later iteration sees the same values.
+    ckpt = tmp_path / ('epoch_2.pth' if by_epoch else 'iter_6.pth')
+    resumed = RecordHook()
+    runner2 = make_runner(tmp_path / 'resumed', resumed, by_epoch=by_epoch, resume_from=str(ckpt))
+    runner2.train()
+    assert sorted(resumed.seen) == list(range(6, 12))
+    for it, values in resumed.seen.items():
+        assert values == record.seen[it], it
+
+
+def test_get_sar_backbone_unwraps_wrappers():
+    model = ToySARClassifier()
+    assert get_sar_backbone(model) is model.backbone
+
+    class TTA(BaseTTAModel):
+
+        def merge_preds(self, data_samples_list):
+            return data_samples_list
+
+    assert get_sar_backbone(TTA(module=model)) is model.backbone
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    torch.distributed.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}',
+                                         rank=0, world_size=1)
+    try:
+        ddp = MMDistributedDataParallel(module=model)
+        assert get_sar_backbone(ddp) is model.backbone
+    finally:
+        torch.distributed.destroy_process_group()
+    with pytest.raises(TypeError, match='no SAR backbone'):
+        get_sar_backbone(nn.Linear(2, 2))
+
+
+def test_rate_logger_reports_rate_and_effective_gflops(tmp_path):
+    runner = make_runner(tmp_path, RecordHook(), val=True)
+    logger_hook = SARRateLoggerHook()
+    runner.register_hook(logger_hook)
+    backbone = get_sar_backbone(runner.model)
+
+    # Record what the backbone computes in eval, independently of the hook.
+    seen = []
+    handle = backbone.register_forward_hook(
+        lambda m, args, out: seen.append(m.get_activation_rates().clone()))
+    # Make the selectors input-dependent (as after training) so that some
+    # regions are skipped: equal skip/keep biases, large random weights.
+    torch.manual_seed(0)
+    for module in backbone.modules():
+        if isinstance(module, RegionSelector):
+            module.fc.bias.data.view(-1, 2)[:, 0] = 10.
+            module.fc.weight.data.normal_(std=20.)
+    metrics = runner.val()
+    handle.remove()
+
+    # The first three calls are the val batches (then the FLOPs counter runs).
+    rates = torch.cat(seen[:3])
+    assert rates.shape == (6, backbone.num_masked_blocks)
+    assert 0 < rates.mean() < 1, 'expected a partial selection'
+    assert metrics['act_rate'] == pytest.approx(float(rates.mean()), rel=1e-6)
+    for stage, cols in enumerate(backbone.stage_block_slices(), start=1):
+        assert metrics[f'act_rate_stage{stage}'] == pytest.approx(float(rates[:, cols].mean()),
+                                                                  rel=1e-6)
+    want = model_complexity(backbone, input_shape=(3, 32, 32), activation_rate=rates)['flops']
+    assert metrics['effective_gflops'] == pytest.approx(want / 1e9, rel=1e-6)
+    dense = model_complexity(backbone, input_shape=(3, 32, 32))['flops']
+    assert metrics['effective_gflops'] < dense / 1e9
+    assert 'accuracy' in metrics
+    # Logged through the message hub, i.e. in the 'Epoch(val)' line next to accuracy.
+    assert runner.message_hub.get_scalar('val/act_rate').current() == metrics['act_rate']
+    assert runner.message_hub.get_scalar('val/effective_gflops').current() == \
+        metrics['effective_gflops']
+    # The forward hook is gone after the epoch; the FLOPs count per input size
+    # is kept for the next epochs.
+    assert not backbone._forward_hooks
+    assert list(logger_hook._cost_cache) == [(3, 32, 32)]
+
+    # The same through runner.test(), at a fixed FLOPs input size.
+    test_runner = Runner(
+        model=runner.model, work_dir=str(tmp_path / 'test'),
+        test_dataloader=dict(dataset=ToyData(), sampler=dict(type='DefaultSampler', shuffle=False),
+                             batch_size=3, collate_fn=dict(type='default_collate')),
+        test_cfg=dict(), test_evaluator=Evaluator(ToyAccuracy()),
+        custom_hooks=[dict(type='sar_backbones.SARRateLoggerHook', flops_input_shape=(3, 64, 64))])
+    test_metrics = test_runner.test()
+    assert test_metrics['act_rate'] == pytest.approx(metrics['act_rate'], rel=1e-6)
+    per_block = rates.mean(0)
+    want = model_complexity(backbone, input_shape=(3, 64, 64), activation_rate=per_block)['flops']
+    assert test_metrics['effective_gflops'] == pytest.approx(want / 1e9, rel=1e-6)
+    assert test_runner.message_hub.get_scalar('test/effective_gflops').current() == \
+        test_metrics['effective_gflops']
+    assert math.isfinite(test_metrics['accuracy'])
