@@ -1,0 +1,29 @@
+"""Fixtures of the tool tests (helpers: ``sar_tool_helpers``)."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from sar_backbones.datasets.generate import generate_imagenet
+
+
+@pytest.fixture(scope='session')
+def imagenet_data(tmp_path_factory) -> Path:
+    """Two training and one validation image per class (5 classes), 64x64."""
+    root = tmp_path_factory.mktemp('sar_tools_data')
+    generate_imagenet(root, num_train_per_class=2, num_val_per_class=1, image_size=64)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run each test on one intra-op thread, then restore the setting.
+
+    `make test` runs two pytest workers on two cores; with two threads each,
+    the workers' OpenMP barriers spin against each other and a small forward
+    pass can take a hundred times longer.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
