@@ -27,8 +27,19 @@ stamp_key() {
     cat "$ROOT/requirements/"*.txt "$ROOT/setup.py" "$ROOT/scripts/install.sh" | sha256sum | cut -d' ' -f1
 }
 
+# The editable install must serve this checkout (a fresh clone reuses the venv).
+serves_root() {
+    (cd / && "$VENV/bin/python" -c "import os, sar_backbones; \
+assert os.path.dirname(os.path.dirname(os.path.abspath(sar_backbones.__file__))) == '$ROOT'") 2>/dev/null
+}
+
 if [[ -x "$VENV/bin/python" && -f "$VENV/.sar_stamp" && "$(cat "$VENV/.sar_stamp")" == "$(stamp_key)" ]] \
-   && "$VENV/bin/python" -c "import mmcv.ops, sar_backbones" 2>/dev/null; then
+   && "$VENV/bin/python" -c "import mmcv.ops" 2>/dev/null; then
+    if ! serves_root; then
+        log "pointing the editable install at $ROOT"
+        "$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-deps \
+            --no-build-isolation -e "$ROOT"
+    fi
     log "environment up to date: $VENV"
     exit 0
 fi
