@@ -1,0 +1,657 @@
+"""Batch-1 latency of torchvision ResNets against SAR-ResNet (dense-masked and sparse).
+
+The logic behind ``tools/analysis/benchmark_latency.py``. For every thread
+count, input size and depth, one round-robin timing run holds all cases on the
+same input:
+
+* ``resnet{d}``: torchvision ResNet-``d`` backbone (stem + 4 stages, no head);
+* ``resnet{d}+fold``: the same with BN folded into the convolutions;
+* ``sar{d}-dense@r`` / ``sar{d}-sparse@r``: SAR-ResNet-``d`` with random
+  patch masks at activation rate ``r`` (``set_mask_override``), through the
+  dense masked path and the sparse gather-conv-scatter path;
+* ``sar{d}-{dense,sparse}@learned``: a trained model's own masks (when a
+  checkpoint is given).
+
+The SAR models are folded or not according to ``bn_fold``: ``'both'`` folds
+BN on both sides and compares SAR with ``resnet{d}+fold``; ``'neither'``
+folds nothing outside the sparse refine path (which always runs on folded
+weights, part of the method) and compares with ``resnet{d}``. The other
+ResNet is timed too, for reference. FLOPs follow the paper's convention
+(:func:`~.complexity.model_complexity`, :func:`~.complexity.count_macs`).
+"""
+import copy
+import datetime
+import json
+import math
+import os
+import sys
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..models.backbones import SARResNet
+from .complexity import count_macs, model_complexity
+from .latency import (PartTimer, build_resnet_backbone, fold_batchnorm, group_parts, part_macs,
+                      interleaved_timing, machine_info, max_relative_error, profile_ops,
+                      resnet_parts, sar_parts, set_threads, summarize)
+from .presets import DEFAULT_PATCH_GRID, DEFAULT_PATCH_SIZE, build_preset_backbone, preset_name
+
+
+@dataclass
+class LatencyConfig:
+    """Options of a latency benchmark run (see the tool's ``--help``)."""
+    depths: Sequence[int] = (18, 34, 50)
+    sizes: Sequence[Tuple[int, int]] = ((224, 224), (800, 1216))
+    threads: Sequence[int] = (1, 0)  # 0: all logical CPUs
+    rates: Sequence[float] = (0.2, 0.35, 0.5, 0.65, 0.8, 1.0)
+    variant: Tuple[int, int, int, float] = (2, 2, 2, 1)  # G, s, alpha, beta
+    reps: int = 20
+    warmup: int = 3
+    reps_by_size: Dict[str, int] = field(default_factory=dict)  # 'HxW' -> reps override
+    depths_by_size: Dict[str, Sequence[int]] = field(default_factory=dict)  # 'HxW' -> depths
+    modes: Sequence[str] = ('dense', 'sparse')
+    bn_fold: str = 'both'  # 'both' | 'neither'
+    channels_last: bool = False
+    patch_mode: str = 'auto'  # 'auto' (grid at 224, size otherwise) | 'grid' | 'size'
+    patch_grid: Sequence[int] = DEFAULT_PATCH_GRID
+    patch_size: Sequence[int] = DEFAULT_PATCH_SIZE
+    per_stage: bool = False
+    per_stage_reps: int = 5
+    per_stage_rates: Optional[Sequence[float]] = None  # None: all rates
+    profile: bool = False
+    profile_rate: float = 0.5
+    profile_reps: int = 3
+    check: bool = True
+    seed: int = 0
+    learned_backbone: Optional[SARResNet] = None  # a trained SAR backbone (learned masks)
+    learned_inputs: Optional[Dict[Tuple[int, int], Tensor]] = None  # size -> (1,3,H,W)
+    learned_name: str = 'learned'
+
+
+def _size_key(size: Tuple[int, int]) -> str:
+    return f'{size[0]}x{size[1]}'
+
+
+def _patch_kwargs(cfg: LatencyConfig, size: Tuple[int, int]) -> dict:
+    mode = cfg.patch_mode
+    if mode == 'auto':
+        mode = 'grid' if tuple(size) == (224, 224) else 'size'
+    if mode == 'grid':
+        return dict(patch_grid=tuple(cfg.patch_grid), patch_size=None)
+    if mode == 'size':
+        return dict(patch_grid=None, patch_size=tuple(cfg.patch_size))
+    raise ValueError(f"patch_mode must be 'auto', 'grid' or 'size', got {mode!r}")
+
+
+def _set_patches(backbone: SARResNet, patch_grid, patch_size) -> None:
+    """Switch a built backbone between patch-grid and patch-size mode (weights unchanged)."""
+    for index, stage in enumerate(backbone.sar_stages):
+        stage.patch_grid = None if patch_grid is None else patch_grid[index]
+        stage.patch_size = None if patch_size is None else patch_size[index]
+    backbone.patch_grid = None if patch_grid is None else tuple(patch_grid)
+    backbone.patch_size = None if patch_size is None else tuple(patch_size)
+
+
+def _prepare(model: nn.Module, fold: bool, channels_last: bool) -> nn.Module:
+    model = copy.deepcopy(model).eval()
+    if fold:
+        model = fold_batchnorm(model, inplace=True)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _sar_call(model: SARResNet, x: Tensor, mode: str, rate: Optional[float],
+              seed: int) -> Callable[[], object]:
+    def call():
+        model.set_inference_mode(mode)
+        model.set_mask_override(rate, seed=seed)
+        return model(x)
+    return call
+
+
+def _fmt_rate(rate) -> str:
+    return rate if isinstance(rate, str) else f'{rate:.2f}'
+
+
+def run_latency_benchmark(cfg: LatencyConfig,
+                          log: Callable[[str], None] = print) -> Dict[str, object]:
+    """Run the benchmark; returns a JSON-serialisable dict (``meta``, ``results``, ...)."""
+    if cfg.bn_fold not in ('both', 'neither'):
+        raise ValueError(f"bn_fold must be 'both' or 'neither', got {cfg.bn_fold!r}")
+    fold_sar = cfg.bn_fold == 'both'
+    results: List[dict] = []
+    per_stage: List[dict] = []
+    profiles: List[dict] = []
+    checks: List[dict] = []
+    flops_cache: Dict[tuple, dict] = {}
+    meta = dict(machine_info(), date=datetime.datetime.now().isoformat(timespec='seconds'),
+                command=' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+                config={k: v for k, v in asdict(cfg).items()
+                        if k not in ('learned_backbone', 'learned_inputs')})
+    meta['config']['sizes'] = [_size_key(s) for s in cfg.sizes]
+    meta['loadavg_start'] = _loadavg()
+    groups, base_stride, alpha, beta = cfg.variant
+
+    # Models are built once (random weights, fixed seed) and reused for every thread count.
+    torch.manual_seed(cfg.seed)
+    resnets: Dict[int, Dict[str, nn.Module]] = {}
+    sars: Dict[int, SARResNet] = {}
+    all_depths = list(cfg.depths)
+    for extra in cfg.depths_by_size.values():
+        all_depths += [d for d in extra if d not in all_depths]
+    for depth in all_depths:
+        plain = build_resnet_backbone(depth)
+        resnets[depth] = {
+            f'resnet{depth}': _prepare(plain, False, cfg.channels_last),
+            f'resnet{depth}+fold': _prepare(plain, True, cfg.channels_last)}
+        sar = build_preset_backbone(preset_name(depth, groups, base_stride, alpha, beta),
+                                    patch_grid=cfg.patch_grid)
+        sars[depth] = _prepare(sar, fold_sar, cfg.channels_last)
+    learned = None
+    if cfg.learned_backbone is not None:
+        learned = _prepare(cfg.learned_backbone, fold_sar, cfg.channels_last)
+
+    ref_suffix = '+fold' if fold_sar else ''
+    profile_jobs: list = []
+    for threads in cfg.threads:
+        count = set_threads(threads)
+        for size in cfg.sizes:
+            size = tuple(size)
+            key = _size_key(size)
+            reps = cfg.reps_by_size.get(key, cfg.reps)
+            generator = torch.Generator().manual_seed(cfg.seed)
+            x = torch.randn(1, 3, *size, generator=generator)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            patch = _patch_kwargs(cfg, size)
+            for depth in cfg.depths_by_size.get(key, cfg.depths):
+                sar = sars[depth]
+                _set_patches(sar, patch['patch_grid'], patch['patch_size'])
+                cases: 'OrderedDict[str, Callable[[], object]]' = OrderedDict()
+                info: Dict[str, dict] = {}
+                for name, model in resnets[depth].items():
+                    cases[name] = (lambda m=model: m(x))
+                    info[name] = dict(model=name, family='resnet', depth=depth,
+                                      bn_fold=name.endswith('+fold'), mode=None, rate=None)
+                for rate in cfg.rates:
+                    for mode in cfg.modes:
+                        name = f'sar{depth}-{mode}@{rate:.2f}'
+                        cases[name] = _sar_call(sar, x, mode, rate, cfg.seed)
+                        info[name] = dict(model=name, family='sar', depth=depth, bn_fold=fold_sar,
+                                          mode=mode, rate=rate)
+                learned_here = learned is not None and learned.depth == depth
+                if learned_here:
+                    lx = (cfg.learned_inputs or {}).get(size, x)
+                    if cfg.channels_last:
+                        lx = lx.contiguous(memory_format=torch.channels_last)
+                    for mode in cfg.modes:
+                        name = f'sar{depth}-{mode}@{cfg.learned_name}'
+                        cases[name] = _sar_call(learned, lx, mode, None, cfg.seed)
+                        info[name] = dict(model=name, family='sar', depth=depth, bn_fold=fold_sar,
+                                          mode=mode, rate=cfg.learned_name)
+
+                with torch.inference_mode():
+                    if cfg.check and 'dense' in cfg.modes and 'sparse' in cfg.modes:
+                        check_rate = 0.5 if 0.5 in cfg.rates else cfg.rates[0]
+                        dense_out = _sar_call(sar, x, 'dense', check_rate, cfg.seed)()
+                        sparse_out = _sar_call(sar, x, 'sparse', check_rate, cfg.seed)()
+                        err = max_relative_error(sparse_out, dense_out)
+                        checks.append(dict(size=key, depth=depth, rate=check_rate,
+                                           max_rel_error=err))
+                        log(f'[check] {key} depth {depth} rate {check_rate}: sparse vs dense '
+                            f'max rel error {err:.2e}')
+                    # FLOPs (paper convention), once per size and depth.
+                    fkey = (key, depth)
+                    if fkey not in flops_cache:
+                        # The rates the override really draws (round(rate * Kh * Kw) patches
+                        # per block: a 2x2 grid only knows multiples of 0.25).
+                        actual = []
+                        for r in cfg.rates:
+                            _sar_call(sar, x, 'dense', r, cfg.seed)()
+                            actual.append(sar.get_activation_rates().double().mean(0))
+                        rates_t = torch.stack(actual)
+                        comp = model_complexity(sar, (3, *size), activation_rate=rates_t)
+                        resnet_macs = count_macs(resnets[depth][f'resnet{depth}'], (3, *size))[0]
+                        entry = dict(resnet=resnet_macs, sar_static=comp['flops_static'],
+                                     sar_dense=comp['flops_dense'],
+                                     by_rate=dict(zip(cfg.rates, comp['flops_per_image'])),
+                                     actual_rate=dict(zip(cfg.rates,
+                                                          rates_t.mean(1).tolist())))
+                        if learned_here:
+                            lx = (cfg.learned_inputs or {}).get(size, x)
+                            learned.set_mask_override(None)
+                            learned(lx)
+                            rates = learned.get_activation_rates()
+                            lcomp = model_complexity(learned, (3, *size), activation_rate=rates)
+                            entry['learned'] = lcomp['flops']
+                            entry['learned_rate'] = lcomp['activation_rate']
+                            entry['learned_stage_rates'] = [
+                                float(rates[:, s].mean()) for s in learned.stage_block_slices()]
+                        flops_cache[fkey] = entry
+                    flops = flops_cache[fkey]
+
+                    log(f'[time] threads={count} size={key} depth={depth}: {len(cases)} cases x '
+                        f'{reps} reps (+{cfg.warmup} warm-up rounds)')
+                    cpu_samples: Dict[str, List[float]] = {}
+                    samples = interleaved_timing(cases, reps=reps, warmup=cfg.warmup,
+                                                 seed=cfg.seed, cpu_samples=cpu_samples)
+
+                    if cfg.per_stage:
+                        per_stage += _per_stage(cfg, resnets[depth], sar, learned if learned_here
+                                                else None, x, (cfg.learned_inputs or {}).get(size, x),
+                                                key, count, depth, ref_suffix)
+                    if cfg.profile and 'sparse' in cfg.modes:
+                        # Profiled at the very end: a torch.profiler session leaves
+                        # per-op overhead behind that would slow every later case
+                        # (the many small ops of the sparse path the most).
+                        profile_jobs.append((threads, key, count, depth, sar, x,
+                                             patch['patch_grid'], patch['patch_size']))
+
+                stats = {name: summarize(s) for name, s in samples.items()}
+                cpu_stats = {name: summarize(s) for name, s in cpu_samples.items()}
+                ref_name = f'resnet{depth}{ref_suffix}'
+                ref = stats[ref_name]['median_ms']
+                plain_ref = stats[f'resnet{depth}']['median_ms']
+                fold_ref = stats[f'resnet{depth}+fold']['median_ms']
+                for name, st in stats.items():
+                    row = dict(info[name], size=key, threads=count, **st)
+                    row['ratio_vs_resnet'] = st['median_ms'] / ref
+                    row['ratio_vs_resnet_plain'] = st['median_ms'] / plain_ref
+                    row['ratio_vs_resnet_fold'] = st['median_ms'] / fold_ref
+                    # Robustness checks on a busy machine: the ratio of the
+                    # fastest calls, and of the median process CPU time.
+                    row['min_ratio_vs_resnet'] = st['min_ms'] / stats[ref_name]['min_ms']
+                    row['cpu_median_ms'] = cpu_stats[name]['median_ms']
+                    row['cpu_ratio_vs_resnet'] = (cpu_stats[name]['median_ms'] /
+                                                  cpu_stats[ref_name]['median_ms'])
+                    if row['family'] == 'resnet':
+                        row['flops'] = flops['resnet']
+                    elif row['rate'] == cfg.learned_name:
+                        row['flops'] = flops['learned']
+                        row['activation_rate'] = flops['learned_rate']
+                        row['stage_rates'] = flops['learned_stage_rates']
+                    else:
+                        row['flops'] = flops['by_rate'][row['rate']]
+                        row['activation_rate'] = flops['actual_rate'][row['rate']]
+                    row['flops_ratio'] = row['flops'] / flops['resnet']
+                    if row['mode'] == 'sparse':
+                        dense_name = name.replace('-sparse@', '-dense@')
+                        if dense_name in stats:
+                            row['speedup_vs_dense'] = stats[dense_name]['median_ms'] / st['median_ms']
+                    results.append(row)
+                log(format_table([r for r in results if r['size'] == key and
+                                  r['threads'] == count and r['depth'] == depth], ref_suffix))
+    for threads, key, count, depth, sar, x, grid, psize in profile_jobs:
+        set_threads(threads)
+        _set_patches(sar, grid, psize)
+        with torch.inference_mode():
+            ops = profile_ops(_sar_call(sar, x, 'sparse', cfg.profile_rate, cfg.seed),
+                              reps=cfg.profile_reps)
+        profiles.append(dict(size=key, threads=count, depth=depth,
+                             case=f'sar{depth}-sparse@{cfg.profile_rate:.2f}', ops=ops))
+    meta['loadavg_end'] = _loadavg()
+    report = dict(meta=meta, results=results, per_stage=per_stage, profiles=profiles,
+                  checks=checks, reference=f'resnet{{depth}}{ref_suffix}')
+    report['targets'] = target_summary(report)
+    return report
+
+
+def _loadavg() -> Optional[List[float]]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _per_stage(cfg: LatencyConfig, resnets: Dict[str, nn.Module], sar: SARResNet,
+               learned: Optional[SARResNet], x: Tensor, lx: Tensor, key: str, threads: int,
+               depth: int, ref_suffix: str) -> List[dict]:
+    """Per-part medians (ms) for the reference ResNet and each SAR case."""
+    out = []
+    resnet_name = f'resnet{depth}{ref_suffix}'
+    resnet = resnets[resnet_name]
+    jobs: List[Tuple[str, Callable[[], object], tuple]] = [
+        (resnet_name, lambda: resnet(x), resnet_parts(resnet))]
+    shape = tuple(x.shape[1:])
+    macs = {resnet_name: part_macs(resnet, resnet_parts(resnet), shape)}
+    rates = cfg.per_stage_rates if cfg.per_stage_rates is not None else cfg.rates
+    for rate in rates:
+        rate_macs = part_macs(sar, sar_parts(sar), shape, rate)
+        for mode in cfg.modes:
+            name = f'sar{depth}-{mode}@{rate:.2f}'
+            jobs.append((name, _sar_call(sar, x, mode, rate, cfg.seed), sar_parts(sar)))
+            macs[name] = rate_macs
+    if learned is not None:
+        for mode in cfg.modes:
+            jobs.append((f'sar{depth}-{mode}@{cfg.learned_name}',
+                         _sar_call(learned, lx, mode, None, cfg.seed), sar_parts(learned)))
+    timers = {name: PartTimer(*parts) for name, _, parts in jobs}
+    for name, fn, _ in jobs:  # warm-up
+        fn()
+    for _ in range(cfg.per_stage_reps):
+        for name, fn, _ in jobs:
+            with timers[name]:
+                timers[name].run(fn)
+    for name, _, _ in jobs:
+        parts = timers[name].per_call()
+        parts_min = timers[name].per_call('min')
+        entry = dict(size=key, threads=threads, depth=depth, case=name, parts=dict(parts),
+                     grouped=dict(group_parts(parts)), parts_min=dict(parts_min),
+                     grouped_min=dict(group_parts(parts_min)), reps=cfg.per_stage_reps)
+        if name in macs:
+            entry['macs'] = dict(macs[name])
+            entry['grouped_macs'] = dict(group_parts(macs[name]))
+        out.append(entry)
+    return out
+
+
+# ------------------------------------------------------------------ reports
+
+# Issue 7's targets, each measured against ResNet-50 in the same run.
+TARGETS = (
+    dict(name='224x224, 1 thread: sparse SAR-R50 @0.5 / ResNet-50', size='224x224',
+         threads='one', kind='ratio', limit=0.80),
+    dict(name='224x224, all threads: sparse SAR-R50 @0.5 / ResNet-50', size='224x224',
+         threads='all', kind='ratio', limit=0.80),
+    dict(name='800x1216, all threads: sparse SAR-R50 @0.5 / ResNet-50', size='800x1216',
+         threads='all', kind='ratio', limit=0.65),
+    dict(name='224x224: sparse speed-up over dense-masked @0.5', size='224x224', threads='any',
+         kind='speedup', limit=1.2),
+    dict(name='800x1216: sparse speed-up over dense-masked @0.5', size='800x1216',
+         threads='any', kind='speedup', limit=1.5),
+)
+
+
+def target_summary(report: Dict[str, object], depth: int = 50, rate: float = 0.5) -> List[dict]:
+    """Issue 7's targets against the measured rows (wall-clock medians; CPU-time ratio too)."""
+    rows = [r for r in report['results'] if r['depth'] == depth]
+    threads_seen = sorted({r['threads'] for r in rows})
+    out = []
+    for target in TARGETS:
+        if target['threads'] == 'one':
+            thread_list = [1] if 1 in threads_seen else []
+        elif target['threads'] == 'all':
+            thread_list = [max(threads_seen)] if threads_seen and max(threads_seen) > 1 else []
+        else:
+            thread_list = threads_seen
+        for threads in thread_list:
+            sparse = [r for r in rows if r['size'] == target['size'] and r['threads'] == threads
+                      and r['mode'] == 'sparse' and r['rate'] == rate]
+            if not sparse:
+                continue
+            row = sparse[0]
+            if target['kind'] == 'ratio':
+                value, cpu = row['ratio_vs_resnet'], row['cpu_ratio_vs_resnet']
+                met = value <= target['limit']
+            else:
+                if 'speedup_vs_dense' not in row:
+                    continue
+                value = row['speedup_vs_dense']
+                dense = next(r for r in rows if r['model'] == row['model'].replace('sparse', 'dense')
+                             and r['size'] == row['size'] and r['threads'] == threads)
+                cpu = dense['cpu_median_ms'] / row['cpu_median_ms']
+                met = value >= target['limit']
+            out.append(dict(target=target['name'], threads=threads, limit=target['limit'],
+                            kind=target['kind'], measured=value, cpu_time_measure=cpu, met=met))
+    # Latency falls steadily with the rate: sparse medians ordered by rate, every depth.
+    everything = report['results']
+    for d in sorted({r['depth'] for r in everything}):
+        for size in sorted({r['size'] for r in everything if r['depth'] == d}):
+            for threads in sorted({r['threads'] for r in everything}):
+                sweep = sorted((r['rate'], r['median_ms']) for r in everything
+                               if r['depth'] == d and r['size'] == size and
+                               r['threads'] == threads and r['mode'] == 'sparse' and
+                               not isinstance(r['rate'], str))
+                if len(sweep) < 2:
+                    continue
+                steps = [b[1] - a[1] for a, b in zip(sweep, sweep[1:])]
+                out.append(dict(target=f'{size}, depth {d}: sparse latency falls with the rate',
+                                threads=threads, kind='monotone', limit=None,
+                                measured=f'{sum(s > 0 for s in steps)}/{len(steps)} steps up',
+                                cpu_time_measure=None, met=all(s > 0 for s in steps),
+                                sweep_ms={f'{r:.2f}': round(m, 2) for r, m in sweep}))
+    return out
+
+
+def format_summary(report: Dict[str, object], rate: float = 0.5) -> str:
+    """One line per (depth, size, threads): ResNet, SAR dense/sparse at ``rate``, ratios (median and min)."""
+    results = report['results']
+    suffix = '+fold' if report['meta']['config']['bn_fold'] == 'both' else ''
+    keys = []
+    for r in results:
+        k = (r['depth'], r['size'], r['threads'])
+        if k not in keys:
+            keys.append(k)
+    lines = [f'| depth | size | threads | ResNet ms (median / min) | SAR dense@{rate} ms | '
+             f'SAR sparse@{rate} ms | sparse / ResNet (median / min) | dense / ResNet | '
+             'sparse vs dense | FLOPs ratio |',
+             '|---|---|---|---|---|---|---|---|---|---|']
+    for depth, size, threads in sorted(keys, key=lambda k: (k[0], k[1] != '224x224', k[2])):
+        rows = {r['model']: r for r in results if (r['depth'], r['size'], r['threads']) ==
+                (depth, size, threads)}
+        ref = rows.get(f'resnet{depth}{suffix}')
+        sparse = rows.get(f'sar{depth}-sparse@{rate:.2f}')
+        dense = rows.get(f'sar{depth}-dense@{rate:.2f}')
+        if ref is None or (sparse is None and dense is None):
+            continue
+
+        def ms(row):
+            return '' if row is None else f"{row['median_ms']:.1f}"
+        lines.append(
+            f"| {depth} | {size} | {threads} | {ref['median_ms']:.1f} / {ref['min_ms']:.1f} | "
+            f"{ms(dense)} | {ms(sparse)} | "
+            + (f"{sparse['ratio_vs_resnet']:.3f} / {sparse['min_ratio_vs_resnet']:.3f}"
+               if sparse else '') + ' | '
+            + (f"{dense['ratio_vs_resnet']:.3f}" if dense else '') + ' | '
+            + (f"{sparse['speedup_vs_dense']:.2f}x" if sparse and 'speedup_vs_dense' in sparse
+               else '') + ' | '
+            + f"{(sparse or dense)['flops_ratio']:.3f} |")
+    return '\n'.join(lines) + '\n'
+
+
+def format_targets(summary: Sequence[dict]) -> str:
+    lines = ['| target | threads | limit | measured (wall median) | CPU-time measure | met |',
+             '|---|---|---|---|---|---|']
+    for t in summary:
+        measured = t['measured'] if isinstance(t['measured'], str) else f"{t['measured']:.3f}"
+        cpu = '' if t['cpu_time_measure'] is None else f"{t['cpu_time_measure']:.3f}"
+        limit = '' if t['limit'] is None else (f"<= {t['limit']}" if t['kind'] == 'ratio'
+                                                else f">= {t['limit']}")
+        lines.append(f"| {t['target']} | {t['threads']} | {limit} | {measured} | {cpu} | "
+                     f"{'yes' if t['met'] else 'no'} |")
+    return '\n'.join(lines) + '\n'
+
+
+def format_table(rows: Sequence[dict], ref_suffix: str = '') -> str:
+    """A markdown table of timing rows (one size, thread count and depth)."""
+    if not rows:
+        return ''
+    first = rows[0]
+    head = (f"\n### {first['size']}, {first['threads']} thread(s), depth {first['depth']} "
+            f"(ratios vs resnet{first['depth']}{ref_suffix})\n\n"
+            '| case | rate | median ms | IQR ms | latency ratio | FLOPs ratio | sparse vs dense '
+            '| min-time ratio | CPU-time ratio |\n'
+            '|---|---|---|---|---|---|---|---|---|\n')
+    lines = []
+    for r in rows:
+        rate = '' if r['rate'] is None else _fmt_rate(r['rate'])
+        if r.get('activation_rate') is not None and isinstance(r['rate'], str):
+            rate = f"{r['rate']} ({r['activation_rate']:.2f})"
+        speed = f"{r['speedup_vs_dense']:.2f}x" if 'speedup_vs_dense' in r else ''
+        lines.append(f"| {r['model']} | {rate} | {r['median_ms']:.1f} | "
+                     f"{r['p25_ms']:.1f}-{r['p75_ms']:.1f} | {r['ratio_vs_resnet']:.3f} | "
+                     f"{r['flops_ratio']:.3f} | {speed} | {r['min_ratio_vs_resnet']:.3f} | "
+                     f"{r['cpu_ratio_vs_resnet']:.3f} |")
+    return head + '\n'.join(lines) + '\n'
+
+
+def format_per_stage(entries: Sequence[dict]) -> str:
+    """Markdown tables of per-part times: one per size/threads/depth, cases as columns."""
+    out = []
+    keys = []
+    for e in entries:
+        k = (e['size'], e['threads'], e['depth'])
+        if k not in keys:
+            keys.append(k)
+    for size, threads, depth in keys:
+        group = [e for e in entries if (e['size'], e['threads'], e['depth']) == (size, threads, depth)]
+        resnet = [e for e in group if e['case'].startswith('resnet')]
+        sar = [e for e in group if not e['case'].startswith('resnet')]
+        if resnet:
+            parts = resnet[0]['grouped']
+            out.append(f'\n#### per stage: {size}, {threads} thread(s), {resnet[0]["case"]}\n\n'
+                       '| part | ms (median / min) |\n|---|---|\n' +
+                       '\n'.join(f'| {k} | {_med_min(resnet[0], "grouped", k)} |'
+                                  for k in parts) + '\n')
+        if sar:
+            labels = []
+            for e in sar:
+                for label in e['grouped']:
+                    if label not in labels:
+                        labels.append(label)
+            header = '| part | ' + ' | '.join(e['case'] for e in sar) + ' |\n'
+            header += '|---|' + '---|' * len(sar) + '\n'
+            body = '\n'.join(
+                f'| {label} | ' + ' | '.join(_med_min(e, 'grouped', label) for e in sar) + ' |'
+                for label in labels)
+            out.append(f'\n#### per stage (ms, median / min, summed over the 3 SAR stages): '
+                       f'{size}, {threads} thread(s), depth {depth}\n\n' + header + body + '\n')
+            if all('grouped_macs' in e for e in group):
+                out.append(_efficiency_table(group, size, threads, depth))
+            # Also per SAR stage, for the sparse cases.
+            stage_labels = []
+            for e in sar:
+                for label in e['parts']:
+                    if label not in stage_labels:
+                        stage_labels.append(label)
+            header = '| part | ' + ' | '.join(e['case'] for e in sar) + ' |\n'
+            header += '|---|' + '---|' * len(sar) + '\n'
+            body = '\n'.join(
+                f'| {label} | ' + ' | '.join(_med_min(e, 'parts', label) for e in sar) + ' |'
+                for label in stage_labels)
+            out.append(f'\n<details><summary>per SAR stage ({size}, {threads} thread(s), depth '
+                       f'{depth})</summary>\n\n' + header + body + '\n\n</details>\n')
+    return ''.join(out)
+
+
+def _efficiency_table(group: Sequence[dict], size: str, threads: int, depth: int) -> str:
+    """MACs per part and the rate they run at (GMAC/s from the fastest call)."""
+    labels: List[str] = []
+    for e in group:
+        for label in e['grouped_macs']:
+            if label not in labels and label != 'other':
+                labels.append(label)
+    header = '| part | ' + ' | '.join(e['case'] for e in group) + ' |\n'
+    header += '|---|' + '---|' * len(group) + '\n'
+
+    def cell(e: dict, label: str) -> str:
+        macs = e['grouped_macs'].get(label)
+        if macs is None:
+            return ''
+        low = e.get('grouped_min', e['grouped']).get(label, 0.0)
+        speed = f' @ {macs / 1e6 / low:.0f}' if low > 0 and macs > 0 else ''
+        return f'{macs / 1e6:.0f}{speed}'
+    body = '\n'.join(f'| {label} | ' + ' | '.join(cell(e, label) for e in group) + ' |'
+                     for label in labels)
+    return (f'\n#### MMACs per part @ GMAC/s (MACs / fastest time): {size}, {threads} thread(s), '
+            f'depth {depth}\n\n' + header + body + '\n')
+
+
+def _med_min(entry: dict, key: str, label: str) -> str:
+    med = entry[key].get(label, 0.0)
+    low = entry.get(key + '_min', {}).get(label)
+    return f'{med:.1f}' if low is None else f'{med:.1f} / {low:.1f}'
+
+
+def format_profiles(profiles: Sequence[dict]) -> str:
+    out = []
+    for p in profiles:
+        out.append(f"\n#### top ops: {p['case']}, {p['size']}, {p['threads']} thread(s)\n\n"
+                   '| op | self ms / forward | calls / forward | share |\n|---|---|---|---|\n' +
+                   '\n'.join(f"| {o['op']} | {o['self_ms_per_call']:.2f} | "
+                             f"{o['calls_per_forward']:.0f} | {o['share']:.1%} |"
+                             for o in p['ops']) + '\n')
+    return ''.join(out)
+
+
+def format_report(report: Dict[str, object]) -> str:
+    """The whole markdown report: machine, command, tables, per-stage and profiles."""
+    meta = report['meta']
+    cfg = meta['config']
+    lines = [
+        '# SAR-ResNet latency benchmark\n',
+        f"- machine: {meta['cpu_model']}, {meta['logical_cpus']} logical CPUs; torch "
+        f"{meta['torch']}, torchvision {meta['torchvision']}, Python {meta['python']}",
+        f"- date: {meta['date']}",
+        f"- command: `{meta['command']}`",
+        f"- batch 1, float32, backbone only (stem + 4 stages, no head), "
+        f"BN folding: {cfg['bn_fold']} (ratios are against resnet{{d}}"
+        f"{'+fold' if cfg['bn_fold'] == 'both' else ''}), channels-last: "
+        f"{'both' if cfg['channels_last'] else 'neither'}; the sparse refine path always runs "
+        'on BN-folded weights (part of the method)',
+        f"- reps: {cfg['reps']} (overrides {cfg['reps_by_size'] or 'none'}), warm-up rounds: "
+        f"{cfg['warmup']}, interleaved shuffled rounds; median and inter-quartile range",
+        f"- environment: {meta.get('env') or 'defaults'} ({meta.get('torch_parallel_info', '')})",
+        f"- load average (1/5/15 min) at start {meta.get('loadavg_start')}, at end "
+        f"{meta.get('loadavg_end')} on {meta['logical_cpus']} CPUs",
+        '- latency ratio: median wall time / the reference\'s median; min-time ratio: fastest '
+        'call / fastest reference call; CPU-time ratio: median process CPU time / the '
+        "reference's (with 1 thread it excludes time spent waiting for a busy CPU; with "
+        'more threads it measures total work, not latency); FLOPs ratio: paper-convention MACs',
+        f"- SAR variant G{cfg['variant'][0]}s{cfg['variant'][1]}a{cfg['variant'][2]}"
+        f"b{cfg['variant'][3]}, patch mode {cfg['patch_mode']} (grid {tuple(cfg['patch_grid'])} "
+        f"at 224, size {tuple(cfg['patch_size'])} px otherwise), random masks at exactly each "
+        'rate via set_mask_override',
+    ]
+    for check in report.get('checks', []):
+        lines.append(f"- check {check['size']} depth {check['depth']} rate {check['rate']}: "
+                     f"sparse vs dense max rel error {check['max_rel_error']:.1e}")
+    lines.append('')
+    lines.append('## Summary (rate 0.5)\n')
+    lines.append(format_summary(report))
+    summary = target_summary(report)
+    if summary:
+        lines.append('## Issue 7 targets (SAR-ResNet50 G2s2a2b1 at rate 0.5; rate sweeps)\n')
+        lines.append(format_targets(summary))
+    results = report['results']
+    keys = []
+    for r in results:
+        k = (r['threads'], r['size'], r['depth'])
+        if k not in keys:
+            keys.append(k)
+    suffix = '+fold' if cfg['bn_fold'] == 'both' else ''
+    for threads, size, depth in keys:
+        lines.append(format_table([r for r in results if (r['threads'], r['size'], r['depth']) ==
+                                   (threads, size, depth)], suffix))
+    if report.get('per_stage'):
+        lines.append('\n## Per stage\n')
+        lines.append(format_per_stage(report['per_stage']))
+    if report.get('profiles'):
+        lines.append('\n## Op profiles\n')
+        lines.append(format_profiles(report['profiles']))
+    return '\n'.join(lines) + '\n'
+
+
+def save_report(report: Dict[str, object], json_path: str, md_path: Optional[str] = None) -> None:
+    """Write the JSON results (and the markdown report)."""
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    with open(json_path, 'w') as f:
+        json.dump(report, f, indent=1, default=_json_default)
+    if md_path:
+        with open(md_path, 'w') as f:
+            f.write(format_report(report))
+
+
+def _json_default(obj):
+    if isinstance(obj, Tensor):
+        return obj.tolist()
+    if isinstance(obj, tuple):
+        return list(obj)
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return str(obj)

@@ -1,0 +1,150 @@
+"""tools/analysis/benchmark_latency.py and its helpers on a tiny model (no timing asserted)."""
+import json
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn as nn
+
+from sar_backbones.analysis import model_complexity
+from sar_backbones.analysis.latency import (PartTimer, build_resnet_backbone, fold_batchnorm,
+                                            group_parts, interleaved_timing, max_relative_error,
+                                            parse_size, sar_parts, summarize)
+from sar_backbones.analysis.presets import build_preset_backbone
+
+from .tool_helpers import load_tool
+
+benchmark_latency = load_tool('benchmark_latency')
+
+ROW_FIELDS = {'model', 'family', 'depth', 'mode', 'rate', 'bn_fold', 'size', 'threads',
+              'median_ms', 'p25_ms', 'p75_ms', 'min_ms', 'max_ms', 'std_ms', 'reps',
+              'ratio_vs_resnet', 'ratio_vs_resnet_plain', 'ratio_vs_resnet_fold',
+              'min_ratio_vs_resnet', 'cpu_median_ms', 'cpu_ratio_vs_resnet', 'flops',
+              'flops_ratio'}
+
+
+def _randomise_norms(model: nn.Module) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            shape = module.running_mean.shape
+            module.running_mean.copy_(torch.randn(shape, generator=generator))
+            module.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.randn(shape, generator=generator))
+            module.bias.data.copy_(torch.randn(shape, generator=generator))
+
+
+def test_summarize_and_interleaved_timing():
+    stats = summarize([0.003, 0.001, 0.002, 0.004])
+    assert stats['median_ms'] == pytest.approx(2.5)
+    assert stats['min_ms'] == pytest.approx(1.0) and stats['max_ms'] == pytest.approx(4.0)
+    assert stats['p25_ms'] <= stats['median_ms'] <= stats['p75_ms'] and stats['reps'] == 4
+    calls = []
+    cases = OrderedDict((name, (lambda n=name: calls.append(n))) for name in 'abc')
+    cpu = {}
+    samples = interleaved_timing(cases, reps=3, warmup=1, cpu_samples=cpu)
+    assert {k: len(v) for k, v in samples.items()} == {'a': 3, 'b': 3, 'c': 3}
+    assert set(cpu) == set(samples) and len(calls) == 12
+    assert parse_size('224') == (224, 224) and parse_size('800x1216') == (800, 1216)
+
+
+@pytest.mark.parametrize('depth', [18, 50])
+def test_fold_batchnorm_keeps_the_function(depth):
+    x = torch.randn(1, 3, 64, 64)
+    resnet = build_resnet_backbone(depth)
+    _randomise_norms(resnet)
+    folded = fold_batchnorm(resnet)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        assert max_relative_error(folded(x), resnet(x)) < 1e-4
+    sar = build_preset_backbone(f'sar-resnet{depth}-g2s2a2b1')
+    _randomise_norms(sar)
+    sar_folded = fold_batchnorm(sar)
+    with torch.no_grad():
+        for mode in ('dense', 'sparse'):
+            for model in (sar, sar_folded):
+                model.set_inference_mode(mode)
+                model.set_mask_override(0.5)
+            assert max_relative_error(sar_folded(x), sar(x)) < 1e-4, mode
+
+
+def test_part_timer_covers_the_forward():
+    model = build_preset_backbone('sar-resnet18-g2s2a2b1')
+    model.set_mask_override(0.5)
+    x = torch.randn(1, 3, 64, 64)
+    for mode in ('dense', 'sparse'):
+        model.set_inference_mode(mode)
+        timer = PartTimer(*sar_parts(model))
+        with torch.no_grad(), timer:
+            for _ in range(2):
+                timer.run(lambda: model(x))
+        parts = timer.per_call()
+        assert {'stem', 's1.base', 's1.select', 's1.refine', 's1.fusion', 's3.exit', 'layer4',
+                'other', 'total'} <= set(parts)
+        assert all(v >= 0 for k, v in parts.items() if k != 'other')
+        assert parts['s1.refine'] > 0
+        grouped = group_parts(parts)
+        assert {'base', 'refine', 'select', 'fusion', 'entry', 'exit'} <= set(grouped)
+    # hooks are removed afterwards
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_benchmark_tool_writes_documented_fields(tmp_path):
+    out = tmp_path / 'latency_test.json'
+    report = benchmark_latency.main([
+        '--depths', '18', '--sizes', '64x64', '--threads', '1', '--rates', '0.5', '1.0',
+        '--reps', '2', '--warmup', '1', '--per-stage', '--per-stage-reps', '1',
+        '--per-stage-rates', '0.5', '--profile', '--out', str(out)])
+    saved = json.loads(out.read_text())
+    assert set(saved) >= {'meta', 'results', 'per_stage', 'profiles', 'checks'}
+    assert {'cpu_model', 'torch', 'logical_cpus', 'command', 'config'} <= set(saved['meta'])
+    rows = saved['results']
+    names = {r['model'] for r in rows}
+    assert names == {'resnet18', 'resnet18+fold', 'sar18-dense@0.50', 'sar18-sparse@0.50',
+                     'sar18-dense@1.00', 'sar18-sparse@1.00'}
+    for row in rows:
+        assert ROW_FIELDS <= set(row), sorted(ROW_FIELDS - set(row))
+    sparse = next(r for r in rows if r['model'] == 'sar18-sparse@0.50')
+    assert 'speedup_vs_dense' in sparse and 0 < sparse['flops_ratio'] < 1
+    assert next(r for r in rows if r['model'] == 'resnet18+fold')['ratio_vs_resnet'] == 1.0
+    assert saved['checks'][0]['max_rel_error'] < 1e-4
+    assert {e['case'] for e in saved['per_stage']} == {'resnet18+fold', 'sar18-dense@0.50',
+                                                       'sar18-sparse@0.50'}
+    for entry in saved['per_stage']:
+        assert {'parts', 'grouped', 'parts_min', 'grouped_min', 'macs', 'grouped_macs'} <= set(entry)
+    # the per-part MACs add up to the paper-convention count at the nominal rate; the
+    # rows count the rates the override really drew (a 2x2 grid knows only 0.25 steps)
+    # (sizes other than 224x224 use fixed 4/4/7-pixel patches)
+    sparse_parts = next(e for e in saved['per_stage'] if e['case'] == 'sar18-sparse@0.50')
+    model = build_preset_backbone('sar-resnet18-g2s2a2b1', patch_size=(4, 4, 7))
+    nominal = model_complexity(model, (3, 64, 64), 0.5)
+    assert sparse_parts['macs']['total'] == pytest.approx(nominal['flops'])
+    assert sparse['flops'] == pytest.approx(nominal['flops'], rel=0.05)
+    assert any(t['kind'] == 'monotone' for t in saved['targets'])
+    assert saved['profiles'][0]['ops']
+    markdown = (tmp_path / 'latency_test.md').read_text()
+    assert 'latency ratio' in markdown and 'FLOPs ratio' in markdown and 'per stage' in markdown
+    assert report['results'] == rows
+    assert 'Summary (rate 0.5)' in markdown
+    # --render re-writes the markdown from the JSON alone
+    (tmp_path / 'latency_test.md').unlink()
+    benchmark_latency.main(['--render', str(out)])
+    assert (tmp_path / 'latency_test.md').read_text() == markdown
+
+
+def test_benchmark_tool_learned_masks_from_a_checkpoint(tmp_path, tiny_imagenet):
+    backbone = build_preset_backbone('sar-resnet18-g2s2a2b1')
+    ckpt = tmp_path / 'backbone.pth'
+    torch.save({'state_dict': backbone.state_dict()}, ckpt)
+    out = tmp_path / 'learned.json'
+    report = benchmark_latency.main([
+        '--depths', '18', '--sizes', '64x64', '--threads', '1', '--rates', '0.5',
+        '--modes', 'sparse', '--reps', '1', '--warmup', '0', '--bn-fold', 'neither',
+        '--preset', 'sar-resnet18-g2s2a2b1', '--checkpoint', str(ckpt),
+        '--images', str(tiny_imagenet / 'val'), '--out', str(out)])
+    learned = next(r for r in report['results'] if r['rate'] == 'learned')
+    assert learned['model'] == 'sar18-sparse@learned'
+    assert learned['activation_rate'] == pytest.approx(1.0)  # untrained: everything selected
+    assert len(learned['stage_rates']) == 3
+    assert report['meta']['config']['bn_fold'] == 'neither'
+    assert next(r for r in report['results'] if r['model'] == 'resnet18')['ratio_vs_resnet'] == 1.0

@@ -1,0 +1,159 @@
+"""Batch-1 CPU latency: torchvision ResNet-18/34/50 vs SAR-ResNet (dense-masked and sparse).
+
+Every (threads, size, depth) combination is one interleaved timing run in one
+process on one input: the ResNet backbone (with and without BN folding) and
+SAR-ResNet at each activation rate (random patches at exactly that rate via
+``set_mask_override``) through the dense masked path and the sparse path,
+plus the masks a trained model picks (``--checkpoint``). Reports medians and
+inter-quartile ranges, latency ratios against ResNet and the FLOPs ratio side
+by side, and writes JSON and markdown.
+
+Examples:
+    # the full benchmark (BENCHMARKS.md)
+    python tools/analysis/benchmark_latency.py --depths 18 34 50 \\
+        --sizes 224x224 800x1216 --threads 1 0 --per-stage \\
+        --out benchmarks/results/latency_mymachine.json
+    # a tiny CI run
+    python tools/analysis/benchmark_latency.py --depths 18 --sizes 64x64 \\
+        --threads 1 --rates 0.5 1.0 --reps 2 --warmup 1 --out /tmp/lat.json
+    # with the masks of a trained classifier on real images
+    python tools/analysis/benchmark_latency.py --depths 50 --sizes 224x224 \\
+        --config configs/sar_resnet/sar-resnet50-g2s2a2b1-t0.5_8xb32_in1k.py \\
+        --checkpoint work_dirs/.../epoch_110.pth --images data/imagenet/val
+"""
+import argparse
+import os.path as osp
+import re
+import sys
+
+from sar_backbones.analysis.benchmark import LatencyConfig, run_latency_benchmark, save_report
+from sar_backbones.analysis.latency import machine_info, parse_size
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--depths', type=int, nargs='+', default=[18, 34, 50])
+    p.add_argument('--sizes', nargs='+', default=['224x224', '800x1216'], help='HxW or H')
+    p.add_argument('--threads', type=int, nargs='+', default=[1, 0], help='0 = all logical CPUs')
+    p.add_argument('--rates', type=float, nargs='+', default=[0.2, 0.35, 0.5, 0.65, 0.8, 1.0])
+    p.add_argument('--variant', default='g2s2a2b1', help='SAR variant besides depth, e.g. g2s2a2b1')
+    p.add_argument('--reps', type=int, default=20, help='timed rounds per case')
+    p.add_argument('--reps-large', type=int, default=None,
+                   help='timed rounds for sizes above 224x224 (default: --reps)')
+    p.add_argument('--depths-large', type=int, nargs='+', default=None,
+                   help='depths for sizes above 224x224 (default: --depths)')
+    p.add_argument('--warmup', type=int, default=3, help='untimed rounds first')
+    p.add_argument('--modes', nargs='+', default=['dense', 'sparse'], choices=['dense', 'sparse'])
+    p.add_argument('--bn-fold', default='both', choices=['both', 'neither'],
+                   help='fold BN into convs on both sides (SAR vs resnet+fold) or neither '
+                        '(SAR vs plain resnet); the sparse refine path folds internally either way')
+    p.add_argument('--channels-last', action='store_true', help='channels-last on both sides')
+    p.add_argument('--patch-mode', default='auto', choices=['auto', 'grid', 'size'],
+                   help='auto: patch grid 14/7/2 at 224x224, patch size 4/4/7 px otherwise')
+    p.add_argument('--per-stage', action='store_true', help='time each stage/part with hooks')
+    p.add_argument('--per-stage-reps', type=int, default=5)
+    p.add_argument('--per-stage-rates', type=float, nargs='+', default=None,
+                   help='rates for the per-stage breakdown (default: all)')
+    p.add_argument('--profile', action='store_true', help='torch.profiler top ops of sparse SAR')
+    p.add_argument('--profile-rate', type=float, default=0.5)
+    p.add_argument('--no-check', action='store_true', help='skip the sparse == dense check')
+    p.add_argument('--config', help='config of a trained model (learned masks)')
+    p.add_argument('--preset', help='backbone preset of a backbone-only --checkpoint')
+    p.add_argument('--checkpoint', help='trained weights: the learned-mask cases use them')
+    p.add_argument('--images', help='image file or folder for the learned-mask cases '
+                   '(first image, resized to each size; default: the random input)')
+    p.add_argument('--out', default=None,
+                   help='JSON path (markdown next to it); default '
+                        'benchmarks/results/latency_<machine>.json')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--render', metavar='JSON',
+                   help='only re-write the markdown report of an existing results JSON')
+    return p.parse_args(argv)
+
+
+def machine_tag() -> str:
+    info = machine_info()
+    tag = re.sub(r'[^a-z0-9]+', '-', str(info['cpu_model']).lower()).strip('-')
+    return f"{tag}-{info['logical_cpus']}cpu"
+
+
+def _variant(text: str):
+    m = re.fullmatch(r'g(\d+)s(\d+)a(\d+)b(\d+(?:\.\d+)?)', text.lower())
+    if not m:
+        raise SystemExit(f'--variant must look like g2s2a2b1, got {text!r}')
+    beta = float(m[4])
+    return int(m[1]), int(m[2]), int(m[3]), int(beta) if beta.is_integer() else beta
+
+
+def _learned(args, sizes):
+    """The trained backbone and the inputs its masks are measured on."""
+    if args.checkpoint is None:
+        return None, None
+    from sar_backbones.analysis.presets import (build_model_from_config, build_preset_backbone,
+                                                load_config, load_weights, sar_backbone)
+    if args.config:
+        model = build_model_from_config(load_config(args.config), args.checkpoint)
+        backbone = sar_backbone(model)
+    elif args.preset:
+        backbone = build_preset_backbone(args.preset)
+        load_weights(backbone, args.checkpoint)
+    else:
+        raise SystemExit('--checkpoint needs --config or --preset')
+    inputs = None
+    if args.images:
+        from sar_backbones.analysis.flops_stats import list_images, load_image_tensor
+        path = list_images(args.images, 1)[0]
+        inputs = {size: load_image_tensor(path, size) for size in sizes}
+    return backbone.eval(), inputs
+
+
+def render(path: str) -> dict:
+    """Re-write ``<path>.md`` (and the targets) from a results JSON."""
+    import json
+
+    from sar_backbones.analysis.benchmark import target_summary
+    with open(path) as f:
+        report = json.load(f)
+    report['targets'] = target_summary(report)
+    md = osp.splitext(path)[0] + '.md'
+    save_report(report, path, md)
+    print(f'wrote {path} and {md}')
+    return report
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.render:
+        return render(args.render)
+    sizes = [parse_size(s) for s in args.sizes]
+    reps_by_size = {}
+    if args.reps_large is not None:
+        reps_by_size = {f'{h}x{w}': args.reps_large for h, w in sizes if h * w > 224 * 224}
+    depths_by_size = {}
+    if args.depths_large is not None:
+        depths_by_size = {f'{h}x{w}': args.depths_large for h, w in sizes if h * w > 224 * 224}
+    learned, inputs = _learned(args, sizes)
+    cfg = LatencyConfig(
+        depths=args.depths, sizes=sizes, threads=args.threads, rates=args.rates,
+        variant=_variant(args.variant), reps=args.reps, warmup=args.warmup,
+        reps_by_size=reps_by_size, depths_by_size=depths_by_size, modes=args.modes, bn_fold=args.bn_fold,
+        channels_last=args.channels_last, patch_mode=args.patch_mode, per_stage=args.per_stage,
+        per_stage_reps=args.per_stage_reps, per_stage_rates=args.per_stage_rates,
+        profile=args.profile, profile_rate=args.profile_rate, check=not args.no_check,
+        seed=args.seed, learned_backbone=learned, learned_inputs=inputs)
+    out = args.out or osp.join('benchmarks', 'results', f'latency_{machine_tag()}.json')
+    # Models are built outside inference mode (their folded weights must stay
+    # ordinary tensors); the timing itself runs under torch.inference_mode().
+    report = run_latency_benchmark(cfg, log=lambda s: print(s, flush=True))
+    env = ''.join(f'{k}={v} ' for k, v in report['meta'].get('env', {}).items())
+    report['meta']['command'] = env + 'python tools/analysis/benchmark_latency.py ' + ' '.join(
+        sys.argv[1:] if argv is None else argv)
+    md = osp.splitext(out)[0] + '.md'
+    save_report(report, out, md)
+    print(f'wrote {out} and {md}')
+    return report
+
+
+if __name__ == '__main__':
+    main()

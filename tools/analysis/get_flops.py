@@ -1,0 +1,259 @@
+"""Parameters, dense FLOPs and effective FLOPs of a SAR-ResNet (the paper's convention).
+
+FLOPs are multiply-accumulates counted as the paper counts them (see
+``sar_backbones/analysis/complexity.py``): refine convolutions cost
+``rate x`` their dense cost, everything else runs densely. The model is a
+shipped config (built through its task registry; FLOPs are those of
+``model.backbone``, plus the classifier head for classifiers) or a bare
+backbone preset. Give an assumed activation rate (``--rate``), or measure the
+rates the model picks on images (``--images`` folder or ``--dataloader``: the
+config's test dataloader); a measurement reports mean/std/per-stage rates and
+FLOPs and saves the per-image histograms of the paper's Fig. 5 as a PNG.
+
+Examples:
+    python tools/analysis/get_flops.py --preset sar-resnet50-g2s2a2b1 --rate 0.5 --num-classes 1000
+    python tools/analysis/get_flops.py configs/faster_rcnn/faster-rcnn_sar-r50-g2s2a2b1-t0.5_fpn_1x_coco.py \\
+        --shape 800 1216 --rate 0.3 0.5 1.0
+    python tools/analysis/get_flops.py configs/sar_resnet/sar-resnet50-g2s2a2b1-t0.5_8xb32_in1k.py \\
+        --checkpoint epoch_110.pth --dataloader --num-images 1000 --out work_dirs/flops.json
+    python tools/analysis/get_flops.py --preset sar-resnet50-g2s2a2b1 --checkpoint backbone.pth \\
+        --images data/demo/imagenet/val --num-images 200 --hist work_dirs/fig5.png
+"""
+import argparse
+import json
+import os
+import os.path as osp
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torchvision
+
+from sar_backbones.analysis import count_macs
+from sar_backbones.analysis.flops_stats import (assumed_rate_complexity, dataloader_inputs,
+                                                folder_inputs, measure_rates,
+                                                plot_rate_flops_histogram, rate_statistics)
+from sar_backbones.analysis.latency import TorchvisionBackbone
+from sar_backbones.analysis.presets import (build_model_from_config, build_preset_backbone,
+                                            load_config, load_weights, sar_backbone,
+                                            task_of_config)
+
+DEFAULT_SHAPES = {'classifier': (224, 224), 'preset': (224, 224), 'detector': (800, 1333),
+                  'segmentor': (512, 512), 'unknown': (224, 224)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('config', nargs='?', help='config file (or use --preset)')
+    p.add_argument('--preset', help='backbone preset, e.g. sar-resnet50-g2s2a2b1[-t0.5]')
+    p.add_argument('--checkpoint', help='trained weights (whole model or backbone only)')
+    p.add_argument('--shape', type=int, nargs='+', default=None,
+                   help='input H [W]; default 224 (classifier/preset), 800 1333 (detector), '
+                        '512 (segmentor)')
+    p.add_argument('--patch-size', type=int, nargs=3, default=None,
+                   help='preset only: fixed patch size per SAR stage instead of the 14/7/2 grid')
+    p.add_argument('--rate', type=float, nargs='+', default=None,
+                   help='assumed activation rate(s); default: 1.0 and the target rate')
+    p.add_argument('--images', help='measure rates on the images of this folder (or file)')
+    p.add_argument('--dataloader', action='store_true',
+                   help="measure rates on the config's test dataloader")
+    p.add_argument('--split', default='test', choices=['test', 'val', 'train'],
+                   help='which dataloader of the config for --dataloader')
+    p.add_argument('--num-images', type=int, default=None, help='images to measure (default all)')
+    p.add_argument('--keep-ratio', action='store_true',
+                   help='--images: fit inside --shape keeping the aspect ratio (mmdet style)')
+    p.add_argument('--pad-divisor', type=int, default=1, help='--images: pad to a multiple')
+    p.add_argument('--num-classes', type=int, default=None,
+                   help='add a classifier head (GAP + FC) to the count; classifier configs '
+                        "default to their head's num_classes")
+    p.add_argument('--no-reference', action='store_true',
+                   help='skip the torchvision ResNet of the same depth as a reference')
+    p.add_argument('--out', help='JSON output path')
+    p.add_argument('--hist', help='histogram PNG path (default: next to --out, or ./flops_hist.png)')
+    p.add_argument('--cfg-options', nargs='+', default=None, metavar='KEY=VALUE',
+                   help='override config settings')
+    args = p.parse_args(argv)
+    if (args.config is None) == (args.preset is None):
+        p.error('give either a config or --preset')
+    if args.dataloader and args.config is None:
+        p.error('--dataloader needs a config')
+    return args
+
+
+def _cfg_options(items: Optional[List[str]]) -> Optional[dict]:
+    if not items:
+        return None
+    from mmengine.config import DictAction
+    namespace = argparse.Namespace()
+    DictAction(option_strings=[], dest='opts')(None, namespace, items)
+    return namespace.opts
+
+
+def reference_model(backbone, num_classes: Optional[int]):
+    """The ResNet the SAR backbone replaces, with its name.
+
+    A standard backbone (7x7 stem, strides 4/8/16/32) is compared with torchvision's
+    ResNet; a deep-stem or dilated one (the mmseg OS8 setting) with mmseg's
+    ``ResNetV1c``/``ResNet`` built with the same strides and dilations.
+    """
+    builders = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34,
+                50: torchvision.models.resnet50, 101: torchvision.models.resnet101}
+    standard = (not backbone.deep_stem and tuple(backbone.strides) == (1, 2, 2, 2)
+                and tuple(backbone.dilations) == (1, 1, 1, 1))
+    if standard:
+        if backbone.depth not in builders:
+            return None, None
+        if num_classes:
+            return (builders[backbone.depth](num_classes=num_classes).eval(),
+                    f'torchvision resnet{backbone.depth} (with head)')
+        return (TorchvisionBackbone(builders[backbone.depth]()).eval(),
+                f'torchvision resnet{backbone.depth} (backbone)')
+    from mmseg.models.backbones import ResNet, ResNetV1c
+    cls = ResNetV1c if backbone.deep_stem else ResNet
+    contract = any(d > 1 for d in backbone.dilations)
+    model = cls(depth=backbone.depth, strides=tuple(backbone.strides),
+                dilations=tuple(backbone.dilations), contract_dilation=contract)
+    model.eval()  # (mmseg's ResNet.train() does not return the module)
+    name = (f'mmseg {cls.__name__}-{backbone.depth} (strides {tuple(backbone.strides)}, '
+            f'dilations {tuple(backbone.dilations)}; backbone)')
+    return model, name
+
+
+def reference_macs(backbone, shape, num_classes: Optional[int]) -> Tuple[Optional[float], str]:
+    """MACs of :func:`reference_model` at ``shape`` (and its name)."""
+    model, name = reference_model(backbone, num_classes)
+    if model is None:
+        return None, ''
+    return float(count_macs(model, shape)[0]), name
+
+
+def run(args: argparse.Namespace) -> Dict[str, object]:
+    cfg = None
+    if args.config:
+        cfg = load_config(args.config, _cfg_options(args.cfg_options))
+        task = task_of_config(cfg)
+        model = build_model_from_config(cfg, args.checkpoint)
+        backbone = sar_backbone(model)
+        source = {'config': args.config, 'task': task}
+    else:
+        task = 'preset'
+        kwargs = {}
+        if args.patch_size:
+            kwargs = dict(patch_grid=None, patch_size=tuple(args.patch_size))
+        model = backbone = build_preset_backbone(args.preset, **kwargs)
+        if args.checkpoint:
+            load_weights(backbone, args.checkpoint)
+        source = {'preset': args.preset, 'task': task}
+    source['checkpoint'] = args.checkpoint
+    num_classes = args.num_classes
+    if num_classes is None and task == 'classifier':
+        head = getattr(model, 'head', None)
+        num_classes = getattr(head, 'num_classes', None)
+    shape = args.shape or DEFAULT_SHAPES[task]
+    if len(shape) == 1:
+        shape = (shape[0], shape[0])
+    input_shape = (backbone.in_channels, *shape)
+
+    result: Dict[str, object] = dict(source, input_shape=list(input_shape),
+                                     num_classes=num_classes, unit='MACs (paper convention)')
+    rates = args.rate if args.rate is not None else sorted({1.0, backbone.target_rate})
+    ref, ref_name = (None, '') if args.no_reference else \
+        reference_macs(backbone, input_shape, num_classes)
+    # One counting pass for every assumed rate: one row of per-block rates each.
+    rate_rows = torch.tensor([[r] * backbone.num_masked_blocks for r in rates], dtype=torch.float64)
+    base = assumed_rate_complexity(backbone, input_shape, rate_rows, num_classes=num_classes)
+    result.update(
+        params=base['params'],
+        params_model=sum(p.numel() for p in model.parameters()),
+        flops_dense=base['flops_dense'], flops_static=base['flops_static'],
+        flops_refine=base['flops_refine'],
+        flops_refine_per_stage=base['flops_refine_per_stage'],
+        reference=None if ref is None else {'model': ref_name, 'flops': ref})
+    assumed = []
+    for rate, flops in zip(rates, base['flops_per_image']):
+        entry = {'rate': rate, 'flops': flops}
+        if ref:
+            entry['flops_ratio_vs_reference'] = flops / ref
+            entry['flops_reduction_vs_reference'] = 1 - flops / ref
+        assumed.append(entry)
+    result['assumed'] = assumed
+
+    inputs = None
+    if args.images:
+        inputs = folder_inputs(args.images, tuple(shape), args.num_images, args.keep_ratio,
+                               args.pad_divisor)
+        result['measured_on'] = {'images': args.images, 'shape': list(shape),
+                                 'keep_ratio': args.keep_ratio, 'pad_divisor': args.pad_divisor}
+    elif args.dataloader:
+        inputs = dataloader_inputs(model, cfg, args.num_images, args.split)
+        result['measured_on'] = {'dataloader': f'{args.split}_dataloader'}
+    if inputs is not None:
+        measured = measure_rates(model, inputs)
+        refs = None
+        if not args.no_reference:
+            refs = {}
+            for s in set(measured['shapes']):
+                refs[tuple(s)] = reference_macs(backbone, s, num_classes)[0]
+            if any(v is None for v in refs.values()):
+                refs = None
+        stats = rate_statistics(backbone, measured, num_classes=num_classes,
+                                reference_flops=refs)
+        hist = args.hist or (osp.splitext(args.out)[0] + '_hist.png' if args.out
+                             else 'flops_hist.png')
+        name = args.preset or osp.splitext(osp.basename(args.config))[0]
+        plot_rate_flops_histogram(
+            stats, hist, title=f'{name}: {stats["num_images"]} images',
+            reference_flops=stats.get('reference_flops'),
+            reference_label=f'ResNet-{backbone.depth}')
+        stats['histogram'] = hist
+        result['measured'] = stats
+    return result
+
+
+def format_result(result: Dict[str, object]) -> str:
+    g = 1e9
+    lines = [f"model: {result.get('config') or result.get('preset')} ({result['task']}), "
+             f"input {tuple(result['input_shape'])}"
+             + (f", with a {result['num_classes']}-class head" if result['num_classes'] else ''),
+             f"params: {result['params'] / 1e6:.2f} M (backbone"
+             f"{' + a ' + str(result['num_classes']) + '-class head' if result['num_classes'] else ''})"
+             + (f", whole task model {result['params_model'] / 1e6:.2f} M"
+                if result['task'] != 'preset' else ''),
+             f"FLOPs (GMACs): dense {result['flops_dense'] / g:.3f}, static {result['flops_static'] / g:.3f},"
+             f" refine per stage at rate 1 "
+             + ', '.join(f'{v / g:.3f}' for v in result['flops_refine_per_stage'])]
+    ref = result.get('reference')
+    if ref:
+        lines.append(f"reference {ref['model']}: {ref['flops'] / g:.3f} GMACs")
+    for entry in result['assumed']:
+        extra = ''
+        if 'flops_ratio_vs_reference' in entry:
+            extra = (f"  ({entry['flops_ratio_vs_reference']:.3f}x the reference, "
+                     f"{-entry['flops_reduction_vs_reference']:+.1%})")
+        lines.append(f"rate {entry['rate']:.2f}: {entry['flops'] / g:.3f} GMACs{extra}")
+    m = result.get('measured')
+    if m:
+        lines.append(f"measured on {m['num_images']} images: rate {m['activation_rate']['mean']:.3f}"
+                     f" +- {m['activation_rate']['std']:.3f}; per stage "
+                     + ', '.join(f"{s['mean']:.3f}+-{s['std']:.3f}" for s in m['stage_rates']))
+        lines.append(f"  FLOPs {m['flops']['mean'] / g:.3f} +- {m['flops']['std'] / g:.3f} GMACs "
+                     f"(min {m['flops']['min'] / g:.3f}, max {m['flops']['max'] / g:.3f})"
+                     + (f"; {m['flops_ratio']:.3f}x the reference" if 'flops_ratio' in m else ''))
+        lines.append(f"  histogram: {m['histogram']}")
+    return '\n'.join(lines)
+
+
+def main(argv=None) -> Dict[str, object]:
+    args = parse_args(argv)
+    result = run(args)
+    print(format_result(result))
+    if args.out:
+        os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
+        with open(args.out, 'w') as f:
+            json.dump(result, f, indent=1)
+        print(f'wrote {args.out}')
+    return result
+
+
+if __name__ == '__main__':
+    main()
