@@ -2,7 +2,6 @@
 from pathlib import Path
 
 import pytest
-import torch
 
 from sar_backbones.datasets.generate import generate_imagenet
 
@@ -14,16 +13,3 @@ def imagenet_data(tmp_path_factory) -> Path:
     generate_imagenet(root, num_train_per_class=2, num_val_per_class=1, image_size=64)
     return root
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run each test on one intra-op thread, then restore the setting.
-
-    `make test` runs two pytest workers on two cores; with two threads each,
-    the workers' OpenMP barriers spin against each other and a small forward
-    pass can take a hundred times longer.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -1,4 +1,4 @@
-"""Shared set-up of these tests."""
+"""Set-up shared by the whole test suite."""
 import pytest
 import torch
 
@@ -8,8 +8,8 @@ def one_thread():
     """Run each test on one intra-op thread, then restore the setting.
 
     `make test` runs two pytest workers on two cores; with two threads each,
-    the workers' OpenMP barriers spin against each other and a small forward
-    pass can take a hundred times longer.
+    oneDNN/OpenMP barriers spin against the other worker and a small forward
+    pass can take 10-100x longer.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
