@@ -480,8 +480,9 @@ def format_table(rows: Sequence[dict], ref_suffix: str = '') -> str:
     lines = []
     for r in rows:
         rate = '' if r['rate'] is None else _fmt_rate(r['rate'])
-        if r.get('activation_rate') is not None and isinstance(r['rate'], str):
-            rate = f"{r['rate']} ({r['activation_rate']:.2f})"
+        actual = r.get('activation_rate')
+        if actual is not None and (isinstance(r['rate'], str) or abs(actual - r['rate']) > 0.005):
+            rate = f"{rate} ({actual:.2f})"  # the rate the masks really have
         speed = f"{r['speedup_vs_dense']:.2f}x" if 'speedup_vs_dense' in r else ''
         lines.append(f"| {r['model']} | {rate} | {r['median_ms']:.1f} | "
                      f"{r['p25_ms']:.1f}-{r['p75_ms']:.1f} | {r['ratio_vs_resnet']:.3f} | "
@@ -605,8 +606,10 @@ def format_report(report: Dict[str, object]) -> str:
         'more threads it measures total work, not latency); FLOPs ratio: paper-convention MACs',
         f"- SAR variant G{cfg['variant'][0]}s{cfg['variant'][1]}a{cfg['variant'][2]}"
         f"b{cfg['variant'][3]}, patch mode {cfg['patch_mode']} (grid {tuple(cfg['patch_grid'])} "
-        f"at 224, size {tuple(cfg['patch_size'])} px otherwise), random masks at exactly each "
-        'rate via set_mask_override',
+        f"at 224, size {tuple(cfg['patch_size'])} px otherwise), random masks via "
+        'set_mask_override: round(rate x Kh x Kw) patches per image, group and block, so on the '
+        "2x2 grid of stage 3 at 224 the rate steps by 0.25 (the mean rate the masks really have "
+        'is given in brackets where it differs; FLOPs use it)',
     ]
     for check in report.get('checks', []):
         lines.append(f"- check {check['size']} depth {check['depth']} rate {check['rate']}: "

@@ -6,23 +6,21 @@
 * :func:`backbone_costs` puts a SAR backbone's effective MACs at measured
   activation rates next to its all-selected cost and that ResNet.
 * :func:`results_markdown` formats the demo's results table.
-* :func:`stage_masks`, :func:`overlay_mask` and :func:`mask_figure` draw
-  which patches each SAR stage chose to refine.
+* :func:`stage_weights` and :func:`mask_figure` lay out, for a few images,
+  which regions each SAR stage chose to refine (the masks and overlays
+  themselves come from :mod:`sar_backbones.analysis.mask_vis`).
 """
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
-from torch import Tensor, nn
+from torch import nn
 
 from .complexity import count_macs, find_sar_backbone, model_complexity
+from .mask_vis import GROUP_COLOURS, overlay, stage_group_weights
 
-# Colour of refined patches in the overlays (RGB) and how strongly unrefined
-# patches are dimmed: the eye should find the selected regions at once.
-REFINE_COLOUR = (255, 64, 32)
-TINT_ALPHA = 0.45
-DIM_FACTOR = 0.35
+# Tint of refined regions; stages average their groups, so one colour.
+REFINE_COLOUR = GROUP_COLOURS[0]
 
 
 def build_plain_resnet(backbone: nn.Module) -> nn.Module:
@@ -152,60 +150,31 @@ def results_markdown(rows: List[dict]) -> str:
 
 
 # --------------------------------------------------------------------- masks
-def stage_masks(backbone: nn.Module) -> List[Tensor]:
-    """Per SAR stage, the share of refined channel groups of each patch.
-
-    Reads the masks of the last forward pass; the blocks of a stage (and the
-    ``G`` groups of each) are averaged, so a value of 0.5 means half the
-    channel groups refine that patch.
+def stage_weights(collected: Dict[str, object]) -> List[np.ndarray]:
+    """Per SAR stage, the share of blocks and groups refining each image pixel.
 
     Args:
-        backbone (nn.Module): A :class:`SARResNet` (or a model holding one)
-            after a forward pass.
+        collected (dict): What :func:`sar_backbones.analysis.collect_masks`
+            returns for one image.
 
     Returns:
-        list[Tensor]: One ``(B, Kh, Kw)`` float tensor in [0, 1] per stage.
+        list[np.ndarray]: One ``(H, W)`` float map in [0, 1] per stage.
     """
-    sar = find_sar_backbone(backbone)
-    masks = sar.get_masks()
-    out = []
-    for cols in sar.stage_block_slices():
-        stacked = torch.stack([m.float() for m in masks[cols]], dim=0)  # (n, B, G, Kh, Kw)
-        out.append(stacked.mean(dim=(0, 2)).cpu())
-    return out
+    weights = stage_group_weights(collected)
+    stages = sorted({stage for stage, _ in weights})
+    return [np.mean([w for (s, _), w in weights.items() if s == stage], axis=0)
+            for stage in stages]
 
 
-def overlay_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Tint the refined patches of an image and dim the others.
-
-    Args:
-        image (np.ndarray): ``(H, W, 3)`` uint8 RGB image.
-        mask (np.ndarray): ``(Kh, Kw)`` patch mask in [0, 1], stretched over
-            the image with nearest-neighbour sampling (as the model does).
-
-    Returns:
-        np.ndarray: ``(H, W, 3)`` uint8 RGB overlay.
-    """
-    height, width = image.shape[:2]
-    rows = np.minimum((np.arange(height) * mask.shape[0]) // height, mask.shape[0] - 1)
-    cols = np.minimum((np.arange(width) * mask.shape[1]) // width, mask.shape[1] - 1)
-    weight = mask[rows][:, cols][..., None].astype(np.float32)
-    pixels = image.astype(np.float32)
-    tinted = (1 - TINT_ALPHA) * pixels + TINT_ALPHA * np.array(REFINE_COLOUR, np.float32)
-    dimmed = DIM_FACTOR * pixels
-    out = weight * tinted + (1 - weight) * dimmed
-    return np.clip(out, 0, 255).astype(np.uint8)
-
-
-def mask_figure(images: Sequence[np.ndarray], masks: Sequence[Sequence[np.ndarray]],
+def mask_figure(images: Sequence[np.ndarray], weights: Sequence[Sequence[np.ndarray]],
                 title: str, scale: int = 2, column_titles: Optional[Sequence[str]] = None
                 ) -> Image.Image:
     """A grid: one row per image, its input and one overlay per SAR stage.
 
     Args:
         images (Sequence[np.ndarray]): ``(H, W, 3)`` uint8 RGB images.
-        masks (Sequence[Sequence[np.ndarray]]): Per image, one ``(Kh, Kw)``
-            mask per stage (see :func:`stage_masks`).
+        weights (Sequence[Sequence[np.ndarray]]): Per image, one ``(H, W)``
+            map in [0, 1] per stage (see :func:`stage_weights`).
         title (str): Text above the grid.
         scale (int): Upscaling of every tile (nearest), for small images.
         column_titles (Sequence[str], optional): Defaults to ``input``,
@@ -214,23 +183,23 @@ def mask_figure(images: Sequence[np.ndarray], masks: Sequence[Sequence[np.ndarra
     Returns:
         PIL.Image.Image: The figure.
     """
-    num_stages = len(masks[0])
+    num_stages = len(weights[0])
     if column_titles is None:
         column_titles = ['input'] + [
-            f'stage {s + 1}: {np.mean([m[s].mean() for m in masks]):.2f}'
+            f'stage {s + 1}: {np.mean([w[s].mean() for w in weights]):.2f} refined'
             for s in range(num_stages)]
     tile_h = max(img.shape[0] for img in images) * scale
     tile_w = max(img.shape[1] for img in images) * scale
     pad, head, caption = 4, 16, 14
-    width = (num_stages + 1) * (tile_w + pad) + pad
+    width = max((num_stages + 1) * (tile_w + pad) + pad, 6 * len(title) + 2 * pad)
     height = head + caption + len(images) * (tile_h + pad) + pad
     figure = Image.new('RGB', (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(figure)
     draw.text((pad, 2), title, fill=(0, 0, 0))
     for col, text in enumerate(column_titles):
         draw.text((pad + col * (tile_w + pad), head), text, fill=(0, 0, 0))
-    for row, (image, image_masks) in enumerate(zip(images, masks)):
-        tiles = [image] + [overlay_mask(image, mask) for mask in image_masks]
+    for row, (image, image_weights) in enumerate(zip(images, weights)):
+        tiles = [image] + [overlay(image, weight, REFINE_COLOUR) for weight in image_weights]
         top = head + caption + row * (tile_h + pad)
         for col, tile in enumerate(tiles):
             tile_img = Image.fromarray(tile).resize(
