@@ -158,7 +158,9 @@ class ResidualBlock(nn.Module):
         """
         tensors = [t for module in self.modules() for t in module.parameters(recurse=False)]
         tensors += [t for module in self.modules() for t in module.buffers(recurse=False)]
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        # Inference tensors (weights created under torch.inference_mode) have no
+        # version counter; their storage identity is the key then.
+        key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
         if self._folded_cache is None or self._folded_cache[0] != key:
             if self.stride != 1:
                 raise ValueError('only stride-1 blocks run on gathered patches')

@@ -172,8 +172,12 @@ def sparse_block_forward(block: ResidualBlock, x_flat: Tensor, mask: Tensor,
     # Selected patches: plus the residual function.
     for group, patches, residual in residuals:
         cols = _group_slice(block.out_channels, groups, group)
-        # index_put_ with accumulate is much faster than index_add_ on a column slice.
-        out[:, cols].index_put_((patches.write_core, ), residual.to(out.dtype), accumulate=True)
+        # Own pixels are written once each (padding all goes to the sink row),
+        # so gather-add-copy is exact and avoids the atomic adds of an
+        # accumulating scatter, which contend badly across threads.
+        target = out[:, cols]
+        updated = target.index_select(0, patches.write_core).add_(residual.to(out.dtype))
+        target.index_copy_(0, patches.write_core, updated)
     if block.last_relu:
         out[:num_rows].relu_()
     out[num_rows].zero_()

@@ -204,3 +204,16 @@ def test_pretrained_init_loads_weights_and_rejects_mismatch(tmp_path):
                                                          prefix='backbone.'))
     with pytest.raises(ValueError, match='shape mismatch.*selectors'):
         wrong.init_weights()
+
+
+def test_sparse_path_with_weights_created_in_inference_mode():
+    # Inference tensors have no version counter; the folded-weight cache must cope.
+    with torch.inference_mode():
+        model = randomize_norms(SARResNet(depth=18, groups=2, patch_grid=(8, 4, 2))).eval()
+        model.set_mask_override(0.5)
+        x = torch.randn(1, 3, 128, 128)
+        sparse = model(x)
+        model.set_inference_mode('dense')
+        dense = model(x)
+    for d, s in zip(dense, sparse):
+        assert relative_error(s, d) < 1e-4
