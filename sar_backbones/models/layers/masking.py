@@ -71,41 +71,64 @@ def nearest_upsample(x: Tensor, size: Sequence[int]) -> Tensor:
     return x.index_select(-2, rows).index_select(-1, cols)
 
 
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for an NHWC-strided 4-D tensor, else ``torch.contiguous_format``."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def fuse_upsampled(low: Tensor, high: Tensor, low_weight: Tensor, in_place: bool = False) -> Tensor:
     """``ReLU(a * up(low) + (1 - a) * high)`` without materialising ``up(low)``.
+
+    The result has the memory format of ``low``, i.e. of the stage input:
+    the sparse refine path produces ``high`` channels-last, and a backbone
+    that returned NHWC maps for NCHW images would break consumers that read
+    raw memory (mmcv's CPU RoIAlign does) and mix layouts in later convs.
 
     Args:
         low (Tensor): Base-branch features ``(B, C, h, w)``.
         high (Tensor): Refine-branch features ``(B, C, H, W)``.
         low_weight (Tensor): Channel weights ``a`` of shape ``(B, C, 1, 1)``.
-        in_place (bool): Overwrite ``high`` (inference, when it is a scratch buffer).
+        in_place (bool): Overwrite ``high`` when it already has the output's
+            memory format (inference, when it is a scratch buffer).
 
     Returns:
-        Tensor: ``(B, C, H, W)`` in the memory format of ``high``.
+        Tensor: ``(B, C, H, W)`` in the memory format of ``low``.
     """
     b, c, h, w = low.shape
     out_h, out_w = high.shape[-2:]
+    memory_format = memory_format_of(low)
     weighted_low = low * low_weight
-    if out_h % h or out_w % w:
-        return torch.addcmul(nearest_upsample(weighted_low, (out_h, out_w)), high,
-                             1 - low_weight).relu_()
-    # Integer factors: view each output pixel as (low pixel, offset) and let
-    # the weighted low-resolution map broadcast over the offsets, in one pass.
-    rh, rw = out_h // h, out_w // w
-    channels_last = high.is_contiguous(memory_format=torch.channels_last) and not high.is_contiguous()
-    if channels_last:
-        high6 = high.permute(0, 2, 3, 1).reshape(b, h, rh, w, rw, c)
-        low6 = weighted_low.permute(0, 2, 3, 1).reshape(b, h, 1, w, 1, c)
-        high_weight = (1 - low_weight).view(b, 1, 1, 1, 1, c)
+    high_weight = 1 - low_weight
+    integer_factors = out_h % h == 0 and out_w % w == 0
+    if integer_factors:
+        # Index each output pixel as (low pixel, offset) and let the weighted
+        # low-resolution map broadcast over the offsets: one pass, no up(low).
+        # These (B, h, rh, w, rw, C) views exist for any strides, so one
+        # expression serves NCHW and NHWC operands alike.
+        rh, rw = out_h // h, out_w // w
+
+        def blocks(x: Tensor, rows: int, cols: int) -> Tensor:
+            return x.permute(0, 2, 3, 1).unflatten(1, (h, rows)).unflatten(3, (w, cols))
+
+        operands = (blocks(weighted_low, 1, 1), blocks(high, rh, rw),
+                    high_weight.view(b, 1, 1, 1, 1, c))
     else:
-        high6 = high.reshape(b, c, h, rh, w, rw)
-        low6 = weighted_low.view(b, c, h, 1, w, 1)
-        high_weight = (1 - low_weight).view(b, c, 1, 1, 1, 1)
-    if in_place:
-        # Large fresh buffers cost page faults; reuse the refine output.
-        fused = high6.mul_(high_weight).add_(low6).relu_()
+        operands = (nearest_upsample(weighted_low, (out_h, out_w)), high, high_weight)
+
+    if torch.is_grad_enabled() and (low.requires_grad or high.requires_grad
+                                    or low_weight.requires_grad):
+        # Training (autograd has no out= variants); both branches share the
+        # input's layout there.
+        fused = torch.addcmul(*operands).relu_()
+        if integer_factors:
+            fused = fused.flatten(3, 4).flatten(1, 2).permute(0, 3, 1, 2)
+        return fused.contiguous(memory_format=memory_format)
+    if in_place and memory_format_of(high) == memory_format:
+        out = high  # large fresh buffers cost page faults
     else:
-        fused = torch.addcmul(low6, high6, high_weight).relu_()
-    if channels_last:
-        return fused.view(b, out_h, out_w, c).permute(0, 3, 1, 2)
-    return fused.view(b, c, out_h, out_w)
+        out = torch.empty_like(high, memory_format=memory_format)
+    # Writing through a view of `out` converts the layout within the same pass.
+    torch.addcmul(*operands, out=blocks(out, rh, rw) if integer_factors else out)
+    return out.relu_()

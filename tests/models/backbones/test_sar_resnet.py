@@ -217,3 +217,27 @@ def test_sparse_path_with_weights_created_in_inference_mode():
         dense = model(x)
     for d, s in zip(dense, sparse):
         assert relative_error(s, d) < 1e-4
+
+
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize('depth,beta', [(18, 1.0), (50, 1.0), (50, 0.5)])
+def test_outputs_keep_the_input_memory_format(memory_format, depth, beta):
+    """The sparse refine branch works channels-last, but the backbone must hand
+    back maps laid out like its input: mmcv's CPU RoIAlign reads raw NCHW memory
+    and returns garbage for NHWC maps (this broke detection mAP once), so NCHW
+    images must give NCHW maps; channels-last images give channels-last maps."""
+    from mmcv.ops import roi_align
+    model = _eval_model(depth=depth, groups=2, beta=beta, patch_grid=(8, 4, 2))
+    model.set_mask_override(0.5)
+    x = torch.randn(1, 3, 128, 160).contiguous(memory_format=memory_format)
+    dense, sparse = _both_paths(model, x)
+    rois = torch.tensor([[0.0, 8.0, 12.0, 100.0, 90.0], [0.0, 40.0, 4.0, 150.0, 120.0]])
+    for index, (d, s) in enumerate(zip(dense, sparse)):
+        for out in (d, s):
+            assert out.is_contiguous(memory_format=memory_format), (index, out.stride())
+        assert relative_error(s, d) < 1e-4
+        if memory_format == torch.channels_last:
+            continue  # mmcv's RoIAlign reads NCHW memory whatever the strides
+        scale = 1 / 2**(index + 2)
+        expected = roi_align(d.contiguous(), rois, (7, 7), scale, 2, 'avg', True)
+        assert relative_error(roi_align(s, rois, (7, 7), scale, 2, 'avg', True), expected) < 1e-4
