@@ -89,3 +89,23 @@ def test_layout_covers_every_pixel_once():
         rows = torch.arange(height) * grid[0] // height
         cols = torch.arange(width) * grid[1] // width
         assert torch.equal(patch_of_pixel, (rows[:, None] * grid[1] + cols).flatten())
+
+
+@pytest.mark.parametrize('height,width,grid,dilation', [
+    (28, 28, (7, 7), 1), (25, 39, (4, 6), 1), (13, 9, (4, 4), 2), (30, 30, (4, 4), 4)])
+def test_layout_taps_point_at_the_neighbours_own_patch(height, width, grid, dilation):
+    layout = patch_layout(height, width, grid, dilation, torch.device('cpu'))
+    for patch, pixels in enumerate(layout.core):
+        for slot, pixel in enumerate(pixels.tolist()):
+            taps = layout.taps[patch, slot]
+            if pixel < 0:  # padding reads nothing
+                assert bool((taps < 0).all())
+                continue
+            y, x = divmod(pixel, width)
+            for k, tap in enumerate(taps.tolist()):
+                ty, tx = y + (k // 3 - 1) * dilation, x + (k % 3 - 1) * dilation
+                inside = 0 <= ty < height and 0 <= tx < width
+                assert tap == (ty * width + tx if inside else -1)
+                if inside:  # the gather finds the tap in its own patch's core
+                    owner, local = layout.tap_patch[patch, slot, k], layout.tap_local[patch, slot, k]
+                    assert int(layout.core[owner, local]) == tap
