@@ -524,7 +524,7 @@ def write_report(work_dir: Path, rows: List[dict], extra: dict) -> Tuple[Path, P
         table,
         'Untrained: the same model randomly initialised (no pretraining), evaluated on the '
         'same held-out split. Act. rate: mean share of refined patches over the held-out '
-        'split (deterministic masks, sparse inference), target rate in brackets. GMACs: '
+        'split (deterministic masks, as at inference), target rate in brackets. GMACs: '
         'backbone multiply-accumulates of one image at the given input size ("FLOPs" as '
         'the paper counts them), at the measured rates, with every region selected, and '
         'for a plain ResNet18 with the same stem, strides and dilations.', '',
@@ -628,6 +628,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 trained=task.metric_scale * float(trained[task.metric_key]),
                 act_rate=float(np.mean(rates)), block_rates=[float(r) for r in rates],
                 target_rate=float(backbone.target_rate),
+                inference_mode=str(backbone.inference_mode),
                 **{k: float(v) for k, v in costs.items()},
                 metrics_untrained=_plain_metrics(untrained),
                 metrics_trained=_plain_metrics(trained),
