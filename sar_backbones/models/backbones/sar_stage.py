@@ -5,8 +5,8 @@ import torch.nn as nn
 from mmcv.cnn import build_conv_layer, build_norm_layer
 from torch import Tensor
 
-from ..layers import (FusionGate, RegionSelector, ResidualBlock, expand_mask, grid_for_feature,
-                      sparse_refine_forward)
+from ..layers import (DepthwiseAvgPool2d, FusionGate, RegionSelector, ResidualBlock,
+                      expand_mask, grid_for_feature, sparse_refine_forward)
 
 MaskOverride = Callable[[Tensor, int], Tensor]
 
@@ -73,7 +73,7 @@ class SARStage(nn.Module):
 
         self.entry = None if entry_stride is None else block(
             in_channels, in_channels, stride=entry_stride, dilation=entry_dilation, **common)
-        self.base_pool = nn.AvgPool2d(3, stride=2, padding=1) if base_stride == 4 else None
+        self.base_pool = DepthwiseAvgPool2d(3, stride=2, padding=1) if base_stride == 4 else None
         # Without an alignment conv after it, the last block of a branch feeds
         # the fusion directly, which applies the ReLU after the sum.
         self.base_blocks = nn.ModuleList(

@@ -2,12 +2,13 @@ from .blocks import BasicBlock, Bottleneck, ResidualBlock, fold_conv_norm, make_
 from .fusion import FusionGate
 from .masking import (apply_group_mask, expand_mask, grid_for_feature, memory_format_of,
                       nearest_upsample)
+from .pooling import DepthwiseAvgPool2d
 from .region_selection import RegionSelector, straight_through_gumbel
 from .sparse import sparse_refine_forward
 
 __all__ = [
     'BasicBlock', 'Bottleneck', 'ResidualBlock', 'fold_conv_norm', 'make_shortcut', 'FusionGate',
     'apply_group_mask', 'expand_mask', 'grid_for_feature', 'memory_format_of',
-    'nearest_upsample', 'RegionSelector',
+    'nearest_upsample', 'DepthwiseAvgPool2d', 'RegionSelector',
     'straight_through_gumbel', 'sparse_refine_forward'
 ]

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .masking import apply_group_mask
+from .pooling import DepthwiseAvgPool2d
 
 
 class ConvSpec(NamedTuple):
@@ -61,7 +62,7 @@ def make_shortcut(in_channels: int, out_channels: int, stride: int,
     # their state-dict keys (shortcut.1/.2) when a segmentation model replaces
     # a stride by a dilation: ImageNet weights then load unchanged.
     layers: List[nn.Module] = [
-        nn.AvgPool2d(3, stride=stride, padding=1) if stride != 1 else nn.Identity()]
+        DepthwiseAvgPool2d(3, stride=stride, padding=1) if stride != 1 else nn.Identity()]
     if in_channels != out_channels:
         layers.append(build_conv_layer(conv_cfg, in_channels, out_channels, 1, bias=False))
         layers.append(build_norm_layer(norm_cfg, out_channels)[1])

@@ -81,3 +81,21 @@ def test_nearest_upsample_broadcast_and_gather_paths_agree():
         rows = torch.arange(size[0]) * 7 // size[0]
         cols = torch.arange(size[1]) * 5 // size[1]
         torch.testing.assert_close(nearest_upsample(x, size), x[:, :, rows][:, :, :, cols])
+
+
+@pytest.mark.parametrize('size', [(15, 15), (16, 21), (1, 1)])
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+def test_depthwise_avg_pool_equals_avg_pool(size, memory_format):
+    from sar_backbones.models.layers import DepthwiseAvgPool2d
+    x = torch.randn(2, 8, *size, requires_grad=True)
+    pool = DepthwiseAvgPool2d(3, stride=2, padding=1)
+    reference = torch.nn.AvgPool2d(3, stride=2, padding=1)
+    out = pool(x.contiguous(memory_format=memory_format))
+    expected = reference(x)
+    assert out.shape == expected.shape
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert out.is_contiguous(memory_format=memory_format)
+    grad, = torch.autograd.grad(out.sum(), x)
+    expected_grad, = torch.autograd.grad(expected.sum(), x)
+    assert torch.allclose(grad, expected_grad, atol=1e-6)
+    assert pool.state_dict() == {} and isinstance(pool, torch.nn.AvgPool2d)
