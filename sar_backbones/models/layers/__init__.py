@@ -1,7 +1,7 @@
 from .blocks import BasicBlock, Bottleneck, ResidualBlock, fold_conv_norm, make_shortcut
 from .fusion import FusionGate
-from .masking import (apply_group_mask, expand_mask, grid_for_feature, memory_format_of,
-                      nearest_upsample)
+from .masking import apply_group_mask, expand_mask, grid_for_feature, nearest_upsample
+from .memory_format import memory_format_of
 from .pooling import DepthwiseAvgPool2d
 from .region_selection import RegionSelector, straight_through_gumbel
 from .sparse import sparse_refine_forward

@@ -8,10 +8,12 @@ mask to ``H x W`` and is exact for sizes that ``K`` does not divide, where
 float-scale interpolation could round differently.
 """
 import math
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from .memory_format import memory_format_of, rows_to_nchw
 
 
 def nearest_source_index(out_size: int, in_size: int, device: torch.device) -> Tensor:
@@ -71,64 +73,61 @@ def nearest_upsample(x: Tensor, size: Sequence[int]) -> Tensor:
     return x.index_select(-2, rows).index_select(-1, cols)
 
 
-def memory_format_of(x: Tensor) -> torch.memory_format:
-    """``torch.channels_last`` for an NHWC-strided 4-D tensor, else ``torch.contiguous_format``."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def fuse_upsampled(low: Tensor, high: Tensor, low_weight: Tensor, in_place: bool = False) -> Tensor:
     """``ReLU(a * up(low) + (1 - a) * high)`` without materialising ``up(low)``.
 
-    The result has the memory format of ``low``, i.e. of the stage input:
-    the sparse refine path produces ``high`` channels-last, and a backbone
-    that returned NHWC maps for NCHW images would break consumers that read
-    raw memory (mmcv's CPU RoIAlign does) and mix layouts in later convs.
+    The result has the memory format of ``low``, i.e. of the stage input: the
+    sparse refine path produces ``high`` channels-last, and a backbone that
+    returned NHWC maps for NCHW images would break consumers that read raw
+    memory (mmcv's CPU RoIAlign does).
 
     Args:
         low (Tensor): Base-branch features ``(B, C, h, w)``.
         high (Tensor): Refine-branch features ``(B, C, H, W)``.
         low_weight (Tensor): Channel weights ``a`` of shape ``(B, C, 1, 1)``.
-        in_place (bool): Overwrite ``high`` when it already has the output's
-            memory format (inference, when it is a scratch buffer).
+        in_place (bool): Overwrite ``high`` (inference, when it is a scratch buffer).
 
     Returns:
         Tensor: ``(B, C, H, W)`` in the memory format of ``low``.
     """
     b, c, h, w = low.shape
     out_h, out_w = high.shape[-2:]
-    memory_format = memory_format_of(low)
+    out_format = memory_format_of(low)
     weighted_low = low * low_weight
     high_weight = 1 - low_weight
-    integer_factors = out_h % h == 0 and out_w % w == 0
-    if integer_factors:
-        # Index each output pixel as (low pixel, offset) and let the weighted
-        # low-resolution map broadcast over the offsets: one pass, no up(low).
-        # These (B, h, rh, w, rw, C) views exist for any strides, so one
-        # expression serves NCHW and NHWC operands alike.
-        rh, rw = out_h // h, out_w // w
+    if out_h % h or out_w % w:
+        fused = torch.addcmul(nearest_upsample(weighted_low, (out_h, out_w)), high, high_weight)
+        return fused.relu_().contiguous(memory_format=out_format)
 
-        def blocks(x: Tensor, rows: int, cols: int) -> Tensor:
+    rh, rw = out_h // h, out_w // w
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (low, high, low_weight))
+    out = high if in_place and not needs_grad else None
+    if memory_format_of(high) == torch.channels_last:
+        # Channels innermost: index each output pixel as (low pixel, offset)
+        # and broadcast the weighted low map over the offsets, in one pass.
+        def blocks(x: Tensor, rows: int, cols: int) -> Tensor:  # (B, h, rows, w, cols, C)
             return x.permute(0, 2, 3, 1).unflatten(1, (h, rows)).unflatten(3, (w, cols))
 
-        operands = (blocks(weighted_low, 1, 1), blocks(high, rh, rw),
-                    high_weight.view(b, 1, 1, 1, 1, c))
-    else:
-        operands = (nearest_upsample(weighted_low, (out_h, out_w)), high, high_weight)
+        fused = _addcmul(blocks(weighted_low.contiguous(memory_format=torch.channels_last), 1, 1),
+                         blocks(high, rh, rw), high_weight.view(b, 1, 1, 1, 1, c),
+                         None if out is None else blocks(out, rh, rw))
+        fused = fused.flatten(3, 4).flatten(1, 2).permute(0, 3, 1, 2)
+        if out_format == torch.channels_last:
+            return fused
+        return rows_to_nchw(fused) if not needs_grad else fused.contiguous()
+    # NCHW: a 2-element innermost loop (the column offsets) would be slow, so
+    # widen the low map to full width first and broadcast it over the row
+    # offsets only (half the size of up(low)).
+    wide_low = weighted_low.unsqueeze(-1).expand(b, c, h, w, rw).reshape(b, c, h, 1, out_w)
+    out = out if out is not None and out.is_contiguous() else None
+    fused = _addcmul(wide_low, high.reshape(b, c, h, rh, out_w), high_weight.view(b, c, 1, 1, 1),
+                     None if out is None else out.view(b, c, h, rh, out_w))
+    return fused.reshape(b, c, out_h, out_w).contiguous(memory_format=out_format)
 
-    if torch.is_grad_enabled() and (low.requires_grad or high.requires_grad
-                                    or low_weight.requires_grad):
-        # Training (autograd has no out= variants); both branches share the
-        # input's layout there.
-        fused = torch.addcmul(*operands).relu_()
-        if integer_factors:
-            fused = fused.flatten(3, 4).flatten(1, 2).permute(0, 3, 1, 2)
-        return fused.contiguous(memory_format=memory_format)
-    if in_place and memory_format_of(high) == memory_format:
-        out = high  # large fresh buffers cost page faults
-    else:
-        out = torch.empty_like(high, memory_format=memory_format)
-    # Writing through a view of `out` converts the layout within the same pass.
-    torch.addcmul(*operands, out=blocks(out, rh, rw) if integer_factors else out)
-    return out.relu_()
+
+def _addcmul(base: Tensor, tensor: Tensor, scale: Tensor, out: Optional[Tensor]) -> Tensor:
+    """``ReLU(base + tensor * scale)``, into ``out`` when given (inference)."""
+    if out is None:
+        return torch.addcmul(base, tensor, scale).relu_()
+    return torch.addcmul(base, tensor, scale, out=out).relu_()

@@ -37,8 +37,11 @@ class DepthwiseAvgPool2d(nn.AvgPool2d):
         key = (x.shape[1], x.dtype, x.device)
         if key not in self._kernels:
             k = self.kernel_size
-            self._kernels[key] = torch.full((x.shape[1], 1, k, k), 1.0 / (k * k),
-                                            dtype=x.dtype, device=x.device)
+            # A normal tensor serves inference mode and autograd alike; one made
+            # under inference_mode could not be saved for backward later.
+            with torch.inference_mode(False):
+                self._kernels[key] = torch.full((x.shape[1], 1, k, k), 1.0 / (k * k),
+                                                dtype=x.dtype, device=x.device)
         return self._kernels[key]
 
     def forward(self, x: Tensor) -> Tensor:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .blocks import FoldedConv, ResidualBlock
+from .memory_format import copy_to_rows_
 
 
 class PatchLayout(NamedTuple):
@@ -258,7 +259,7 @@ def to_flat(x: Tensor) -> Tensor:
     batch, channels, height, width = x.shape
     num_rows = batch * height * width
     x_flat = x.new_empty(num_rows + 2, channels)
-    x_flat[:num_rows].view(batch, height, width, channels).copy_(x.permute(0, 2, 3, 1))
+    copy_to_rows_(x_flat[:num_rows], x)
     x_flat[num_rows:].zero_()
     return x_flat
 
