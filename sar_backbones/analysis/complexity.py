@@ -88,9 +88,12 @@ def dense_cost(backbone: SARResNet, input_shape: Sequence[int]) -> Dict[str, obj
     last_area = [0]
 
     def forward(x: Tensor) -> None:
-        last_area[0] = backbone(x)[-1].shape[-2:].numel()
+        # forward(), not __call__: hooks on the backbone itself (rate loggers
+        # averaging over a test set) must not see this all-selected pass.
+        last_area[0] = backbone.forward(x)[-1].shape[-2:].numel()
 
     was_training, mode, override = backbone.training, backbone.inference_mode, backbone._mask_override
+    last_masks = backbone._masks  # get_masks() keeps describing the caller's last forward
     out_indices = backbone.out_indices
     try:
         backbone.eval()
@@ -103,6 +106,7 @@ def dense_cost(backbone: SARResNet, input_shape: Sequence[int]) -> Dict[str, obj
         backbone.set_inference_mode(mode)
         backbone._mask_override = override
         backbone.out_indices = out_indices
+        backbone._masks = last_masks
     num_blocks = backbone.num_masked_blocks
     return {'static': totals.get(0, 0), 'refine': [totals.get(i, 0) for i in range(1, num_blocks + 1)],
             'last_area': last_area[0]}

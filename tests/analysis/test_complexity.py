@@ -51,3 +51,22 @@ def test_measured_rates_from_a_forward():
     assert measured['flops_static'] < measured['flops'] < measured['flops_dense']
     with pytest.raises(ValueError, match='per-block rates'):
         model_complexity(model, activation_rate=[0.5, 0.5])
+
+
+def test_counting_is_invisible_to_backbone_hooks_and_keeps_the_last_masks():
+    """The rate logger and tools/demo.py average rates with a forward hook on the
+    backbone; the all-selected counting pass must not show up there (it once
+    pushed the demo's reported rates from ~0.5 towards 1)."""
+    torch.manual_seed(0)
+    backbone = SARResNet(depth=18, groups=2, patch_grid=(4, 2, 2)).eval()
+    backbone.set_mask_override(0.25)
+    seen = []
+    backbone.register_forward_hook(lambda module, args, out: seen.append(
+        module.get_activation_rates().mean().item()))
+    with torch.no_grad():
+        backbone(torch.randn(1, 3, 64, 64))
+    masks = backbone.get_masks()
+    cost = model_complexity(backbone, input_shape=(3, 96, 80))
+    assert cost['flops'] == cost['flops_dense'] > cost['flops_static']
+    assert seen == [pytest.approx(0.25)]
+    assert all(a is b for a, b in zip(backbone.get_masks(), masks))
