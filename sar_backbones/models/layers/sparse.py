@@ -7,12 +7,11 @@ computes, but only on the selected patches:
   ``B*H*W`` is all zeros (what a masked-out pixel reads) and row ``B*H*W + 1``
   is a sink for writes that belong to no pixel;
 * for each channel group ``g``, the pixels of its selected patches (of all
-  images) are one "mini-batch" of rows (Sec. III-C.1), and every convolution
-  of the block is a matrix product on them with that group's slice of the
-  weights: a 1x1 convolution reads the rows themselves, a 3x3 convolution
-  reads each row's nine taps (im2col by one gather), where a tap outside the
-  map or in an unselected patch reads a zero row, which reproduces the
-  masking of the dense path exactly;
+  images) are one "mini-batch" (Sec. III-C.1) run through that group's slice
+  of the weights: a 1x1 convolution is a matrix product on the pixel rows, a
+  3x3 convolution runs on the gathered windows (patch + a halo of ``d``
+  pixels), in which pixels outside the map or in unselected patches read a
+  zero row, which reproduces the masking of the dense path exactly;
 * intermediate activations stay in a compact buffer of the selected pixels
   (row 0 is the zero row), so a block touches full-size memory only to read
   its input and to add its residual;
@@ -21,10 +20,11 @@ computes, but only on the selected patches:
   shortcut and an addition;
 * BatchNorm is folded into the convolutions.
 
-Few, large operations matter more than FLOPs here: a stage-1 patch is 16
-pixels, and per-operation overhead would otherwise dominate. Patch indices are
-therefore computed for all groups at once, and each group runs one gather and
-one matrix product per convolution.
+A stage-1 patch is only 16 pixels, so the number of operations matters as
+much as their FLOPs: patch indices are computed for all groups at once, and
+each group runs one gather and one product (or convolution) per convolution
+of the block. (An im2col gather + matrix product for the 3x3 convolutions
+was tried and is ~4% slower end to end than oneDNN on the windows.)
 """
 import weakref
 from functools import lru_cache
@@ -39,17 +39,19 @@ from .memory_format import copy_to_rows_
 
 
 class PatchLayout(NamedTuple):
-    """Pixels of every patch of a ``Kh x Kw`` grid on ``H x W``, and their 3x3 taps.
+    """Pixels of every patch of a ``Kh x Kw`` grid on ``H x W``, and the windows a 3x3 conv reads.
 
     Patches follow :func:`~.masking.nearest_source_index`; when ``K`` does not
     divide the size they differ by one pixel and are padded to the largest
-    (``PH x PW``). Pixels are offsets ``y * W + x`` within an image.
+    (``PH x PW``). A window is the patch grown by the dilation ``d`` on every
+    side. Pixels are offsets ``y * W + x`` within an image.
     """
-    core: Tensor       # (Kh*Kw, PH*PW) own pixels, -1 for padding
-    taps: Tensor       # (Kh*Kw, PH*PW, 9) pixel of each dilated 3x3 tap, -1 outside/padding
-    tap_patch: Tensor  # (Kh*Kw, PH*PW, 9) patch that owns the tap pixel
-    tap_local: Tensor  # (Kh*Kw, PH*PW, 9) the tap pixel's position in that patch's core
-    pixels_per_patch: int
+    core: Tensor           # (Kh*Kw, PH*PW) own pixels, -1 for padding
+    window: Tensor         # (Kh*Kw, (PH+2d)*(PW+2d)) window pixels, -1 outside the map
+    window_patch: Tensor   # (Kh*Kw, (PH+2d)*(PW+2d)) patch that owns each window pixel
+    window_local: Tensor   # (Kh*Kw, (PH+2d)*(PW+2d)) its position in that patch's core
+    patch_shape: Tuple[int, int]
+    window_shape: Tuple[int, int]
 
 
 def _axis_cells(size: int, cells: int) -> Tuple[Tensor, int]:
@@ -59,41 +61,41 @@ def _axis_cells(size: int, cells: int) -> Tuple[Tensor, int]:
     return starts, int((starts[1:] - starts[:-1]).max())
 
 
+def _per_patch(rows: Tensor, cols: Tensor, valid_rows: Tensor, valid_cols: Tensor,
+               width: int) -> Tensor:
+    """``(Kh*Kw, len_r*len_c)`` pixel offsets from per-axis ``(K, len)`` coordinates, -1 if invalid."""
+    pixel = rows[:, None, :, None] * width + cols[None, :, None, :]
+    valid = valid_rows[:, None, :, None] & valid_cols[None, :, None, :]
+    return torch.where(valid, pixel, -1).flatten(0, 1).flatten(1)
+
+
 @lru_cache(maxsize=64)
 def patch_layout(height: int, width: int, grid: Tuple[int, int], dilation: int,
                  device: torch.device) -> PatchLayout:
     """Cached :class:`PatchLayout` for one feature size, patch grid and dilation."""
     row_starts, patch_h = _axis_cells(height, grid[0])
     col_starts, patch_w = _axis_cells(width, grid[1])
-    # (Kh*Kw, PH, PW) coordinates of each patch's core pixels.
-    rows = row_starts[:-1, None] + torch.arange(patch_h)  # (Kh, PH)
-    cols = col_starts[:-1, None] + torch.arange(patch_w)  # (Kw, PW)
-    own_rows, own_cols = rows < row_starts[1:, None], cols < col_starts[1:, None]
-    rows, own_rows = rows[:, None, :, None], own_rows[:, None, :, None]
-    cols, own_cols = cols[None, :, None, :], own_cols[None, :, None, :]
-    own = own_rows & own_cols
-    rows, cols, own = (t.flatten(0, 1) for t in torch.broadcast_tensors(rows, cols, own))
-    core = torch.where(own, rows * width + cols, -1).flatten(1)
-
-    # (Kh*Kw, PH, PW, 9) coordinates of the dilated 3x3 taps, k = 3 * ky + kx.
-    offsets = torch.arange(-1, 2) * dilation
-    tap_rows = (rows[..., None, None] + offsets[:, None]).expand(*rows.shape, 3, 3).flatten(-2)
-    tap_cols = (cols[..., None, None] + offsets).expand(*cols.shape, 3, 3).flatten(-2)
-    inside = own[..., None] & (tap_rows >= 0) & (tap_rows < height) & (tap_cols >= 0) \
-        & (tap_cols < width)
-    tap_rows, tap_cols = tap_rows.clamp(0, height - 1), tap_cols.clamp(0, width - 1)
-    cell_rows, cell_cols = tap_rows * grid[0] // height, tap_cols * grid[1] // width
-    tap_local = (tap_rows - row_starts[cell_rows]) * patch_w + tap_cols - col_starts[cell_cols]
-
-    def per_patch(t: Tensor) -> Tensor:  # (Kh*Kw, PH, PW, 9) -> (Kh*Kw, PH*PW, 9)
-        return t.flatten(1, 2).to(device)
-
+    core_rows = row_starts[:-1, None] + torch.arange(patch_h)  # (Kh, PH)
+    core_cols = col_starts[:-1, None] + torch.arange(patch_w)  # (Kw, PW)
+    win_rows = row_starts[:-1, None] - dilation + torch.arange(patch_h + 2 * dilation)
+    win_cols = col_starts[:-1, None] - dilation + torch.arange(patch_w + 2 * dilation)
+    core = _per_patch(core_rows, core_cols, core_rows < row_starts[1:, None],
+                      core_cols < col_starts[1:, None], width)
+    window = _per_patch(win_rows, win_cols, (win_rows >= 0) & (win_rows < height),
+                        (win_cols >= 0) & (win_cols < width), width)
+    # Owner patch and position inside it, per axis, for the (clamped) window pixels.
+    win_rows, win_cols = win_rows.clamp(0, height - 1), win_cols.clamp(0, width - 1)
+    cell_rows, cell_cols = win_rows * grid[0] // height, win_cols * grid[1] // width
+    local_rows, local_cols = win_rows - row_starts[cell_rows], win_cols - col_starts[cell_cols]
+    window_patch = (cell_rows[:, None, :, None] * grid[1] + cell_cols[None, :, None, :])
+    window_local = (local_rows[:, None, :, None] * patch_w + local_cols[None, :, None, :])
     return PatchLayout(
         core=core.to(device),
-        taps=per_patch(torch.where(inside, tap_rows * width + tap_cols, -1)),
-        tap_patch=per_patch(cell_rows * grid[1] + cell_cols),
-        tap_local=per_patch(tap_local),
-        pixels_per_patch=patch_h * patch_w)
+        window=window.to(device),
+        window_patch=window_patch.flatten(0, 1).flatten(1).to(device),
+        window_local=window_local.flatten(0, 1).flatten(1).to(device),
+        patch_shape=(patch_h, patch_w),
+        window_shape=(patch_h + 2 * dilation, patch_w + 2 * dilation))
 
 
 class GroupPatches(NamedTuple):
@@ -105,12 +107,12 @@ class GroupPatches(NamedTuple):
     count: int               # selected patches n
     read_core: Tensor        # (n*PP,) x rows of the own pixels, zero row for padding
     write_core: Tensor       # (n*PP,) x rows of the own pixels, sink row for padding
-    x_taps: Tensor           # (n*PP*9,) x rows of the 3x3 taps, zero row if masked out
-    compact_taps: Tensor     # (n*PP*9,) compact rows of the 3x3 taps, 0 if masked out
+    x_window: Tensor         # (n*WP,) x rows of the window pixels, zero row if masked out
+    compact_window: Tensor   # (n*WP,) compact rows of the window pixels, 0 if masked out
 
 
 def select_patches(mask: Tensor, layout: PatchLayout, pixels_per_image: int,
-                   need_x_taps: bool) -> List[GroupPatches]:
+                   need_x_window: bool) -> List[GroupPatches]:
     """Indices of the selected patches of every group of ``mask`` (``(B, G, Kh*Kw)`` bool)."""
     batch, groups, num_patches = mask.shape
     zero_row, sink_row = batch * pixels_per_image, batch * pixels_per_image + 1
@@ -125,39 +127,39 @@ def select_patches(mask: Tensor, layout: PatchLayout, pixels_per_image: int,
     offset = (image * pixels_per_image)[:, None]
     read_core = torch.where(core >= 0, core + offset, zero_row)
     write_core = torch.where(core >= 0, core + offset, sink_row)
-    # A tap holds data only where the patch it falls in is selected for the group.
-    tap_key = layout.tap_patch[patch] + (image * num_patches)[:, None, None]
-    group_index = group[:, None, None]
-    tap_valid = (layout.taps[patch] >= 0) & per_group[group_index, tap_key]
-    pixels = layout.pixels_per_patch
-    compact_taps = torch.where(tap_valid, rank[group_index, tap_key] * pixels
-                               + layout.tap_local[patch] + 1, 0)
-    x_taps = torch.where(tap_valid, layout.taps[patch] + offset[..., None], zero_row) \
-        if need_x_taps else core.new_empty(0)
+    # A window pixel holds data only where the patch it falls in is selected
+    # for the group (the masking of the dense path).
+    window = layout.window[patch]
+    window_key = layout.window_patch[patch] + (image * num_patches)[:, None]
+    valid = (window >= 0) & per_group[group[:, None], window_key]
+    compact_window = torch.where(
+        valid, rank[group[:, None], window_key] * core.shape[1] + layout.window_local[patch] + 1, 0)
+    x_window = torch.where(valid, window + offset, zero_row) if need_x_window \
+        else core.new_empty(0)
 
-    def split(t: Tensor, per_patch: int) -> Sequence[Tensor]:
-        return t.flatten().split([n * per_patch for n in counts])
+    def split(t: Tensor) -> Sequence[Tensor]:
+        return t.flatten().split([n * t.shape[1] for n in counts])
 
     return [
         GroupPatches(n, *parts) for n, *parts in zip(
-            counts, split(read_core, pixels), split(write_core, pixels),
-            split(x_taps, pixels * 9) if need_x_taps else [x_taps] * groups,
-            split(compact_taps, pixels * 9))
+            counts, split(read_core), split(write_core),
+            split(x_window) if need_x_window else [x_window] * groups, split(compact_window))
     ]
 
 
 class GroupConv(NamedTuple):
-    """One folded convolution of one group as a matrix product: ``rows @ weight + bias``."""
-    weight: Tensor  # (k*k*C_in/G, C_out/G)
+    """One folded convolution of one group."""
+    weight: Tensor  # 1x1: (C_in/G, C_out/G) matrix; 3x3: (C_out/G, C_in/G, 3, 3) channels-last
     bias: Tensor    # (C_out/G,)
     kernel_size: int
+    dilation: int
 
 
 _group_convs_cache: 'weakref.WeakKeyDictionary' = weakref.WeakKeyDictionary()
 
 
 def _group_convs(block: ResidualBlock, folded: List[FoldedConv]) -> List[List[GroupConv]]:
-    """Per group, the block's folded convolutions as im2col weight matrices (cached)."""
+    """Per group, the block's folded convolutions in the layout their kernels want (cached)."""
     cached = _group_convs_cache.get(block)
     if cached is not None and cached[0] is folded:
         return cached[1]
@@ -166,37 +168,47 @@ def _group_convs(block: ResidualBlock, folded: List[FoldedConv]) -> List[List[Gr
     for conv in folded:
         for group, (weight, bias) in enumerate(zip(conv.weight.chunk(groups),
                                                    conv.bias.chunk(groups))):
-            # (C_out, C_in, kh, kw) -> (kh, kw, C_in, C_out): tap-major, as gathered.
-            matrix = weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous()
-            per_group[group].append(GroupConv(matrix, bias, conv.kernel_size))
+            if conv.kernel_size == 1:
+                weight = weight.flatten(1).t().contiguous()
+            else:  # the gathered windows are channels-last; so is oneDNN's favourite weight
+                weight = weight.contiguous(memory_format=torch.channels_last)
+            per_group[group].append(GroupConv(weight, bias, conv.kernel_size, conv.dilation))
     _group_convs_cache[block] = (folded, per_group)
     return per_group
 
 
 def _run_group(convs: List[GroupConv], x_flat: Tensor, in_cols: slice, patches: GroupPatches,
-               residual_base: Tensor) -> Tensor:
+               layout: PatchLayout, residual_base: Tensor) -> Tensor:
     """The block's residual function on one group's patches, added to ``residual_base``.
+
+    1x1 convolutions are matrix products on the pixel rows; 3x3 convolutions
+    run on the gathered ``(PH+2d) x (PW+2d)`` windows of the patches.
 
     Returns ``residual_base + F(x)`` for the group's own pixels, ``(n*PP, C_out/G)``.
     """
-    rows = patches.read_core.numel()
+    n, rows = patches.count, patches.read_core.numel()
     compact: Optional[Tensor] = None  # (1 + n*PP, C): zero row, then the selected pixels
     for index, conv in enumerate(convs):
+        is_last = index == len(convs) - 1
         weight = conv.weight.to(x_flat.dtype)
+        bias = None if is_last else conv.bias.to(x_flat.dtype)  # the last is added densely
         if conv.kernel_size == 1:
             inputs = compact[1:] if compact is not None else \
                 x_flat[:, in_cols].index_select(0, patches.read_core)
-        elif compact is not None:
-            inputs = compact.index_select(0, patches.compact_taps).view(rows, -1)
+            if is_last:  # the residual add fuses into the product
+                return torch.addmm(residual_base, inputs, weight)
+            out = torch.addmm(bias, inputs, weight)
         else:
-            inputs = x_flat[:, in_cols].index_select(0, patches.x_taps).view(rows, -1)
-        if index == len(convs) - 1:
-            # The last bias is added densely; the residual add fuses into the product.
-            return torch.addmm(residual_base, inputs, weight)
-        compact = inputs.new_empty(1 + rows, weight.shape[1])
+            source, index_rows = (x_flat[:, in_cols], patches.x_window) if compact is None \
+                else (compact, patches.compact_window)
+            window = source.index_select(0, index_rows).view(n, *layout.window_shape, -1)
+            out = F.conv2d(window.permute(0, 3, 1, 2), weight, bias, dilation=conv.dilation)
+            out = out.permute(0, 2, 3, 1).reshape(rows, -1)
+            if is_last:
+                return out.add_(residual_base)
+        compact = out.new_empty(1 + rows, out.shape[1])
         compact[0].zero_()
-        torch.addmm(conv.bias.to(x_flat.dtype), inputs, weight, out=compact[1:])
-        compact[1:].relu_()
+        torch.clamp_min(out, 0, out=compact[1:])
     raise AssertionError('a block has at least one convolution')
 
 
@@ -214,7 +226,7 @@ def sparse_block_forward(block: ResidualBlock, x_flat: Tensor, mask: Tensor,
     layout = patch_layout(height, width, tuple(mask.shape[-2:]), block.dilation, x_flat.device)
     groups = mask.shape[1]
     all_patches = select_patches(mask.flatten(2).bool(), layout, height * width,
-                                 need_x_taps=folded[0].kernel_size > 1)
+                                 need_x_window=folded[0].kernel_size > 1)
     in_width, out_width = block.in_channels // groups, block.out_channels // groups
 
     # The dense part first (shortcut + the shift of the last, unmasked norm)
@@ -237,7 +249,7 @@ def sparse_block_forward(block: ResidualBlock, x_flat: Tensor, mask: Tensor,
             base = x_flat[:, out_cols].index_select(0, patches.write_core)
         in_cols = slice(group * in_width, (group + 1) * in_width)
         updates.append((out_cols, patches.write_core,
-                        _run_group(group_convs[group], x_flat, in_cols, patches, base)))
+                        _run_group(group_convs[group], x_flat, in_cols, patches, layout, base)))
     if out is None:
         out = x_flat
         out[:num_rows] += last_bias

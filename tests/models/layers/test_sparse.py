@@ -93,19 +93,18 @@ def test_layout_covers_every_pixel_once():
 
 @pytest.mark.parametrize('height,width,grid,dilation', [
     (28, 28, (7, 7), 1), (25, 39, (4, 6), 1), (13, 9, (4, 4), 2), (30, 30, (4, 4), 4)])
-def test_layout_taps_point_at_the_neighbours_own_patch(height, width, grid, dilation):
+def test_layout_windows_point_at_the_owners_core(height, width, grid, dilation):
     layout = patch_layout(height, width, grid, dilation, torch.device('cpu'))
+    win_h, win_w = layout.window_shape
+    assert (win_h, win_w) == (layout.patch_shape[0] + 2 * dilation,
+                              layout.patch_shape[1] + 2 * dilation)
     for patch, pixels in enumerate(layout.core):
-        for slot, pixel in enumerate(pixels.tolist()):
-            taps = layout.taps[patch, slot]
-            if pixel < 0:  # padding reads nothing
-                assert bool((taps < 0).all())
-                continue
-            y, x = divmod(pixel, width)
-            for k, tap in enumerate(taps.tolist()):
-                ty, tx = y + (k // 3 - 1) * dilation, x + (k % 3 - 1) * dilation
-                inside = 0 <= ty < height and 0 <= tx < width
-                assert tap == (ty * width + tx if inside else -1)
-                if inside:  # the gather finds the tap in its own patch's core
-                    owner, local = layout.tap_patch[patch, slot, k], layout.tap_local[patch, slot, k]
-                    assert int(layout.core[owner, local]) == tap
+        first = int(pixels[0])  # the top-left pixel of a patch is never padding
+        top, left = divmod(first, width)
+        for slot, pixel in enumerate(layout.window[patch].tolist()):
+            y, x = top - dilation + slot // win_w, left - dilation + slot % win_w
+            inside = 0 <= y < height and 0 <= x < width
+            assert pixel == (y * width + x if inside else -1)
+            if inside:  # the gather finds the pixel in its owner's core
+                owner, local = layout.window_patch[patch, slot], layout.window_local[patch, slot]
+                assert int(layout.core[owner, local]) == pixel
