@@ -78,8 +78,8 @@ STAGES = ('data', 'pretrain', 'convert', 'detection', 'segmentation', 'evaluate'
 # docs/demo_results.md); only used to estimate the time left before a stage
 # has run, and scaled by how fast the machine turns out to be.
 NOMINAL_SECONDS = dict(
-    data=10, pretrain=240, convert=5, detection=300, segmentation=300, evaluate=90,
-    report=15)
+    data=5, pretrain=70, convert=1, detection=185, segmentation=225, evaluate=25,
+    report=2)
 QUICK_SECONDS = dict(
     data=2, pretrain=10, convert=3, detection=10, segmentation=10, evaluate=30, report=5)
 
