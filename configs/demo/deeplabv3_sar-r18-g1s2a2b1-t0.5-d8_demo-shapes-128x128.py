@@ -127,7 +127,7 @@ optim_wrapper = dict(
         custom_keys={'.selectors.': dict(lr_mult=10.0, decay_mult=0.0)}))
 
 # configs/_base_/sar_hooks.py adapted to finetuning a short schedule (a list
-# replaces the base's list as a whole, hence all five hooks). The backbone
+# replaces the base's list as a whole, hence all hooks). The backbone
 # was pretrained to t=0.5 already, so the target stays at t from the start:
 # restarting the 1 -> t steps in a few hundred iterations pushed the selectors
 # back to all-selected and then down again so fast that they ended as coin
@@ -139,6 +139,8 @@ custom_hooks = [
     dict(type='sar_backbones.SARTemperatureHook', mode='exp', start=1.0,
          end=0.1),
     dict(type='sar_backbones.SARTargetRateHook', mode='constant'),
+    # As in the demo pretraining: no Gumbel noise at the end of training.
+    dict(type='sar_backbones.SARGumbelNoiseHook', begin=0.5),
     dict(type='sar_backbones.SARRateLoggerHook'),
     dict(type='sar_backbones.SARRateSyncHook'),
     dict(type='sar_backbones.SARNoiseSeedHook'),

@@ -3,11 +3,13 @@
 * :class:`SARTemperatureHook` anneals the Gumbel-softmax temperature tau.
 * :class:`SARTargetRateHook` steps the target activation rate t of the
   rate loss from 1 down to the configured value.
+* :class:`SARGumbelNoiseHook` (short schedules, not in the paper) fades the
+  Gumbel noise out at the end of training.
 * :class:`SARRateLoggerHook` reports the mean activation rate and the
   resulting effective GFLOPs of the backbone after every val/test epoch, next
   to mAP / mIoU / top-1.
 
-The two schedules are pure functions of ``runner.iter / runner.max_iters``:
+The schedules are pure functions of ``runner.iter / runner.max_iters``:
 they keep no state of their own, so a resumed run sets exactly the values an
 uninterrupted run would, for epoch- and iteration-based loops alike
 (``runner.max_iters`` exists for both).
@@ -153,6 +155,57 @@ class SARTemperatureHook(Hook):
         tau = self.get_temperature(training_progress(runner))
         get_sar_backbone(runner.model).set_temperature(tau)
         runner.message_hub.update_scalar('train/tau', tau)
+
+
+@HOOKS.register_module()
+class SARGumbelNoiseHook(Hook):
+    """Fade the Gumbel noise of training-mode mask sampling out at the end of training.
+
+    Not part of the paper, for short schedules. Training samples masks with
+    Gumbel noise; inference takes the noiseless decision. Over a long
+    schedule the keep/skip logits grow far apart and both agree, but after a
+    few hundred iterations a block can meet the target rate in training with
+    logits that are nearly tied everywhere (a coin flip per patch), and then
+    refines all or nothing of its patches at inference. Scaling the noise
+    from 1 down to ``end`` over the last part of training lets the rate loss
+    act on the decisions inference will take. With progress
+    ``p = runner.iter / runner.max_iters``:
+    ``scale = 1`` for ``p <= begin``, then linear to ``end`` at ``p = 1``.
+    Logged as ``train/noise_scale``.
+
+    Args:
+        begin (float): Fraction of training at which the fade starts. Defaults to 0.7.
+        end (float): Noise scale at the end of training, in [0, 1]. Defaults to 0.
+
+    Example:
+        >>> custom_hooks = [dict(type='sar_backbones.SARGumbelNoiseHook', begin=0.7)]
+    """
+
+    priority = 'NORMAL'
+
+    def __init__(self, begin: float = 0.7, end: float = 0.) -> None:
+        if not 0 <= begin < 1:
+            raise ValueError(f'begin must be in [0, 1), got {begin}')
+        if not 0 <= end <= 1:
+            raise ValueError(f'end must be in [0, 1], got {end}')
+        self.begin = float(begin)
+        self.end = float(end)
+
+    def get_noise_scale(self, progress: float) -> float:
+        """The noise scale at a given fraction of training, in [0, 1]."""
+        if progress <= self.begin:
+            return 1.
+        fade = (progress - self.begin) / (1 - self.begin)
+        return 1. + min(fade, 1.) * (self.end - 1.)
+
+    def before_train_iter(self,
+                          runner,
+                          batch_idx: int,
+                          data_batch: DATA_BATCH = None) -> None:
+        """Set the noise scale for the coming iteration and log it."""
+        scale = self.get_noise_scale(training_progress(runner))
+        get_sar_backbone(runner.model).set_noise_scale(scale)
+        runner.message_hub.update_scalar('train/noise_scale', scale)
 
 
 @HOOKS.register_module()

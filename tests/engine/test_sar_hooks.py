@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from sar_backbones.analysis import model_complexity
-from sar_backbones.engine import (SARRateLoggerHook, SARTargetRateHook, SARTemperatureHook,
+from sar_backbones.engine import (SARGumbelNoiseHook, SARRateLoggerHook, SARTargetRateHook,
+                                  SARTemperatureHook,
                                   get_sar_backbone)
 from sar_backbones.models import SARResNet
 from sar_backbones.models.layers import RegionSelector
@@ -78,14 +79,17 @@ class RecordHook(Hook):
         hub = runner.message_hub
         self.seen[runner.iter] = (backbone.temperature, backbone.target_rate,
                                   hub.get_scalar('train/tau').current(),
-                                  hub.get_scalar('train/target_rate').current())
+                                  hub.get_scalar('train/target_rate').current(),
+                                  backbone.noise_scale,
+                                  hub.get_scalar('train/noise_scale').current())
 
 
 def expected(it, max_iters):
     progress = it / max_iters
     tau = 0.01**progress
     steps = sum(progress >= m for m in MILESTONES)
-    return tau, TARGET + (1 - TARGET) * (3 - steps) / 3
+    noise = 1.0 if progress <= 0.5 else 1.0 - (progress - 0.5) / 0.5
+    return tau, TARGET + (1 - TARGET) * (3 - steps) / 3, noise
 
 
 def make_runner(work_dir, record, by_epoch=True, resume_from=None, val=False):
@@ -114,6 +118,7 @@ def make_runner(work_dir, record, by_epoch=True, resume_from=None, val=False):
         custom_hooks=[
             dict(type='sar_backbones.SARTemperatureHook'),
             dict(type='sar_backbones.SARTargetRateHook', milestones=MILESTONES),
+            dict(type='sar_backbones.SARGumbelNoiseHook', begin=0.5),
             record,
         ],
         load_from=resume_from,
@@ -137,6 +142,14 @@ def test_schedule_formulas():
         assert hook.get_target_rate(epoch / 110) == pytest.approx(value), epoch
     assert SARTargetRateHook(target=0.3, mode='constant').get_target_rate(0.) == 0.3
 
+    noise_hook = SARGumbelNoiseHook(begin=0.6, end=0.2)
+    for progress, value in ((0., 1.), (0.6, 1.), (0.8, 0.6), (1., 0.2)):
+        assert noise_hook.get_noise_scale(progress) == pytest.approx(value), progress
+    with pytest.raises(ValueError, match='begin'):
+        SARGumbelNoiseHook(begin=1.0)
+    with pytest.raises(ValueError, match='end'):
+        SARGumbelNoiseHook(end=-0.1)
+
     with pytest.raises(ValueError, match='mode'):
         SARTemperatureHook(mode='linear')
     with pytest.raises(ValueError, match='milestones'):
@@ -152,11 +165,13 @@ def test_hooks_set_schedule_and_survive_resume(tmp_path, by_epoch):
     runner.train()
     assert runner.max_iters == 12
     assert sorted(record.seen) == list(range(12))
-    for it, (tau, target, logged_tau, logged_target) in record.seen.items():
-        want_tau, want_target = expected(it, 12)
+    for it, (tau, target, logged_tau, logged_target, noise, logged_noise) in record.seen.items():
+        want_tau, want_target, want_noise = expected(it, 12)
         assert tau == pytest.approx(want_tau, rel=1e-12), it
         assert target == pytest.approx(want_target, rel=1e-12), it
-        assert (logged_tau, logged_target) == (tau, target)
+        assert noise == pytest.approx(want_noise, abs=1e-12), it
+        assert (logged_tau, logged_target, logged_noise) == (tau, target, noise)
+    assert record.seen[11][4] < 0.2  # the fade reached the end of training
     # Configured t (read from the model) is restored after training.
     assert get_sar_backbone(runner.model).target_rate == TARGET
 

@@ -417,6 +417,24 @@ class SARResNet(BaseModule):
         self._temperature = float(tau)
 
     @property
+    def noise_scale(self) -> float:
+        return self.sar_stages[0].selectors[0].noise_scale
+
+    def set_noise_scale(self, scale: float) -> None:
+        """Scale the Gumbel noise of training-mode mask sampling (>= 0; 1 = the paper).
+
+        At 0 training uses the deterministic masks of inference (still with the
+        relaxed straight-through gradient); short schedules anneal towards it
+        so that the inference rate ends at the trained rate
+        (:class:`~sar_backbones.engine.SARGumbelNoiseHook`).
+        """
+        if not scale >= 0:
+            raise ValueError(f'noise scale must be >= 0, got {scale}')
+        for module in self.modules():
+            if isinstance(module, RegionSelector):
+                module.noise_scale = float(scale)
+
+    @property
     def target_rate(self) -> float:
         return self._target_rate
 

@@ -15,21 +15,29 @@ _INIT_KEEP_LOGIT = 10.0
 
 
 def straight_through_gumbel(keep_logit: Tensor, skip_logit: Tensor, tau: float,
-                            generator: Optional[torch.Generator] = None) -> Tensor:
+                            generator: Optional[torch.Generator] = None,
+                            noise_scale: float = 1.0) -> Tensor:
     """Hard binary Gumbel-softmax sample with straight-through gradients.
 
     Forward: ``1[keep_logit + g1 > skip_logit + g0]`` with i.i.d. Gumbel
     noise (Eq. 8). Backward: the gradient of the relaxed two-way softmax at
     temperature ``tau`` (Eq. 9). Sampling runs in float32 so that the noise
     ``-log(-log(u))`` stays finite under autocast.
+
+    ``noise_scale`` multiplies the noise (1: the paper; 0: the deterministic
+    inference decision, still with the relaxed gradient); see
+    :class:`~sar_backbones.engine.SARGumbelNoiseHook`.
     """
     keep_logit, skip_logit = keep_logit.float(), skip_logit.float()
-    tiny = torch.finfo(torch.float32).tiny
-    uniform = torch.rand((2, ) + keep_logit.shape, device=keep_logit.device,
-                         generator=generator).clamp_(tiny, 1.0 - 1e-7)
-    gumbel = -torch.log(-torch.log(uniform))
+    margin = keep_logit - skip_logit
+    if noise_scale > 0:
+        tiny = torch.finfo(torch.float32).tiny
+        uniform = torch.rand((2, ) + keep_logit.shape, device=keep_logit.device,
+                             generator=generator).clamp_(tiny, 1.0 - 1e-7)
+        gumbel = -torch.log(-torch.log(uniform))
+        margin = margin + noise_scale * (gumbel[1] - gumbel[0])
     # softmax over {skip, keep} of the keep entry == sigmoid of the difference.
-    soft_keep = torch.sigmoid(((keep_logit + gumbel[1]) - (skip_logit + gumbel[0])) / tau)
+    soft_keep = torch.sigmoid(margin / tau)
     return _BinarizeStraightThrough.apply(soft_keep)
 
 
@@ -76,6 +84,8 @@ class RegionSelector(nn.Module):
         self.norm = build_norm_layer(norm_cfg, hidden)[1]
         self.relu = nn.ReLU(inplace=True)
         self.fc = nn.Conv2d(hidden, 2 * groups, 1, groups=groups, bias=True)
+        # Scale of the Gumbel noise in training (1: the paper's sampling).
+        self.noise_scale = 1.0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -103,5 +113,5 @@ class RegionSelector(nn.Module):
         logits = self.logits(x, grid)
         skip, keep = logits.unbind(dim=2)
         if self.training:
-            return straight_through_gumbel(keep, skip, tau)
+            return straight_through_gumbel(keep, skip, tau, noise_scale=self.noise_scale)
         return (keep > skip).to(x.dtype)

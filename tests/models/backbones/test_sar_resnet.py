@@ -241,3 +241,29 @@ def test_outputs_keep_the_input_memory_format(memory_format, depth, beta):
         scale = 1 / 2**(index + 2)
         expected = roi_align(d.contiguous(), rois, (7, 7), scale, 2, 'avg', True)
         assert relative_error(roi_align(s, rois, (7, 7), scale, 2, 'avg', True), expected) < 1e-4
+
+
+def test_noiseless_training_masks_are_the_inference_masks_and_still_learn():
+    model = _eval_model(depth=18, groups=2, patch_grid=(4, 2, 2))
+    _perturb_selectors(model, seed=3)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model(x)
+    inference_masks = model.get_masks()
+    model.train()
+    for module in model.modules():  # batch statistics would change the logits
+        if isinstance(module, _BatchNorm):
+            module.eval()
+    model.set_noise_scale(0.0)
+    assert model.noise_scale == 0.0
+    out = model(x)
+    for sampled, deterministic in zip(model.get_masks(), inference_masks):
+        assert torch.equal(sampled, deterministic)
+    loss = sum(o.mean() for o in out) + model.get_aux_losses()['loss_act_rate']
+    loss.backward()
+    assert all(stage.selectors[0].fc.weight.grad.abs().sum() > 0 for stage in model.sar_stages)
+    model.set_noise_scale(1.0)  # the paper's sampling differs from the deterministic masks
+    model(x)
+    assert any(not torch.equal(s, d) for s, d in zip(model.get_masks(), inference_masks))
+    with pytest.raises(ValueError, match='noise scale'):
+        model.set_noise_scale(-1.0)
