@@ -22,9 +22,9 @@ computes, but only on the selected patches:
 
 A stage-1 patch is only 16 pixels, so the number of operations matters as
 much as their FLOPs: patch indices are computed for all groups at once, and
-each group runs one gather and one product (or convolution) per convolution
-of the block. (An im2col gather + matrix product for the 3x3 convolutions
-was tried and is ~4% slower end to end than oneDNN on the windows.)
+each group runs one gather and one convolution per convolution of the block.
+(An im2col gather + matrix product for the 3x3 convolutions was tried and is
+~4% slower end to end than oneDNN on the windows.)
 """
 import weakref
 from functools import lru_cache
@@ -148,8 +148,8 @@ def select_patches(mask: Tensor, layout: PatchLayout, pixels_per_image: int,
 
 
 class GroupConv(NamedTuple):
-    """One folded convolution of one group."""
-    weight: Tensor  # 1x1: (C_in/G, C_out/G) matrix; 3x3: (C_out/G, C_in/G, 3, 3) channels-last
+    """One folded convolution of one group, its weight channels-last like the gathered inputs."""
+    weight: Tensor  # (C_out/G, C_in/G, k, k)
     bias: Tensor    # (C_out/G,)
     kernel_size: int
     dilation: int
@@ -158,8 +158,13 @@ class GroupConv(NamedTuple):
 _group_convs_cache: 'weakref.WeakKeyDictionary' = weakref.WeakKeyDictionary()
 
 
-def _group_convs(block: ResidualBlock, folded: List[FoldedConv]) -> List[List[GroupConv]]:
-    """Per group, the block's folded convolutions in the layout their kernels want (cached)."""
+def _group_convs(block: ResidualBlock) -> Tuple[List[List[GroupConv]], Optional[GroupConv]]:
+    """Per group, the block's folded convolutions, and its folded 1x1 shortcut (cached).
+
+    Weights are channels-last, the layout of the gathered inputs, so that
+    oneDNN need not reorder them on every call.
+    """
+    folded, shortcut = block.folded()
     cached = _group_convs_cache.get(block)
     if cached is not None and cached[0] is folded:
         return cached[1]
@@ -168,21 +173,41 @@ def _group_convs(block: ResidualBlock, folded: List[FoldedConv]) -> List[List[Gr
     for conv in folded:
         for group, (weight, bias) in enumerate(zip(conv.weight.chunk(groups),
                                                    conv.bias.chunk(groups))):
-            if conv.kernel_size == 1:
-                weight = weight.flatten(1).t().contiguous()
-            else:  # the gathered windows are channels-last; so is oneDNN's favourite weight
-                weight = weight.contiguous(memory_format=torch.channels_last)
+            weight = weight.contiguous(memory_format=torch.channels_last)
             per_group[group].append(GroupConv(weight, bias, conv.kernel_size, conv.dilation))
-    _group_convs_cache[block] = (folded, per_group)
-    return per_group
+    dense_shortcut = None
+    if shortcut is not None:
+        # The last norm's shift applies at every pixel: fold it into the shortcut.
+        weight, bias = shortcut
+        dense_shortcut = GroupConv(weight.contiguous(memory_format=torch.channels_last),
+                                   bias + folded[-1].bias, 1, 1)
+    result = (per_group, dense_shortcut)
+    _group_convs_cache[block] = (folded, result)
+    return result
+
+
+def conv1x1_rows(rows: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """A 1x1 convolution of pixel rows ``(M, C_in)`` -> ``(M, C_out)``.
+
+    Computed by ``F.conv2d`` on a ``(1, C_in, M, 1)`` channels-last view
+    rather than by ``torch.addmm``, so that PyTorch picks the kernel it picks
+    for the dense network's 1x1 convolutions: oneDNN as soon as several
+    threads run, ~2x faster than MKL's sgemm on these shapes (THNN's gemm on
+    one thread, the same speed as ``addmm``).
+    """
+    if rows.shape[0] == 0:
+        return rows.new_empty(0, weight.shape[0])
+    out = F.conv2d(rows.view(1, rows.shape[0], 1, rows.shape[1]).permute(0, 3, 1, 2),
+                   weight.to(rows.dtype), None if bias is None else bias.to(rows.dtype))
+    return out.permute(0, 2, 3, 1).reshape(rows.shape[0], -1)
 
 
 def _run_group(convs: List[GroupConv], x_flat: Tensor, in_cols: slice, patches: GroupPatches,
                layout: PatchLayout, residual_base: Tensor) -> Tensor:
     """The block's residual function on one group's patches, added to ``residual_base``.
 
-    1x1 convolutions are matrix products on the pixel rows; 3x3 convolutions
-    run on the gathered ``(PH+2d) x (PW+2d)`` windows of the patches.
+    1x1 convolutions run on the pixel rows; 3x3 convolutions on the gathered
+    ``(PH+2d) x (PW+2d)`` windows of the patches.
 
     Returns ``residual_base + F(x)`` for the group's own pixels, ``(n*PP, C_out/G)``.
     """
@@ -190,22 +215,20 @@ def _run_group(convs: List[GroupConv], x_flat: Tensor, in_cols: slice, patches: 
     compact: Optional[Tensor] = None  # (1 + n*PP, C): zero row, then the selected pixels
     for index, conv in enumerate(convs):
         is_last = index == len(convs) - 1
-        weight = conv.weight.to(x_flat.dtype)
-        bias = None if is_last else conv.bias.to(x_flat.dtype)  # the last is added densely
+        bias = None if is_last else conv.bias  # the last one is added densely
         if conv.kernel_size == 1:
             inputs = compact[1:] if compact is not None else \
                 x_flat[:, in_cols].index_select(0, patches.read_core)
-            if is_last:  # the residual add fuses into the product
-                return torch.addmm(residual_base, inputs, weight)
-            out = torch.addmm(bias, inputs, weight)
+            out = conv1x1_rows(inputs, conv.weight, bias)
         else:
             source, index_rows = (x_flat[:, in_cols], patches.x_window) if compact is None \
                 else (compact, patches.compact_window)
             window = source.index_select(0, index_rows).view(n, *layout.window_shape, -1)
-            out = F.conv2d(window.permute(0, 3, 1, 2), weight, bias, dilation=conv.dilation)
+            out = F.conv2d(window.permute(0, 3, 1, 2), conv.weight.to(x_flat.dtype),
+                           None if bias is None else bias.to(x_flat.dtype), dilation=conv.dilation)
             out = out.permute(0, 2, 3, 1).reshape(rows, -1)
-            if is_last:
-                return out.add_(residual_base)
+        if is_last:
+            return out.add_(residual_base)
         compact = out.new_empty(1 + rows, out.shape[1])
         compact[0].zero_()
         torch.clamp_min(out, 0, out=compact[1:])
@@ -221,8 +244,8 @@ def sparse_block_forward(block: ResidualBlock, x_flat: Tensor, mask: Tensor,
     """
     height, width = size
     num_rows = x_flat.shape[0] - 2
-    folded, shortcut = block.folded()
-    group_convs = _group_convs(block, folded)
+    folded, _ = block.folded()
+    group_convs, shortcut = _group_convs(block)
     layout = patch_layout(height, width, tuple(mask.shape[-2:]), block.dilation, x_flat.device)
     groups = mask.shape[1]
     all_patches = select_patches(mask.flatten(2).bool(), layout, height * width,
@@ -234,10 +257,8 @@ def sparse_block_forward(block: ResidualBlock, x_flat: Tensor, mask: Tensor,
     last_bias = folded[-1].bias.to(x_flat.dtype)
     out = None
     if shortcut is not None:
-        weight, bias = shortcut
         out = x_flat.new_empty(num_rows + 2, block.out_channels)
-        torch.addmm((bias + last_bias).to(x_flat.dtype), x_flat[:num_rows],
-                    weight.flatten(1).t().to(x_flat.dtype), out=out[:num_rows])
+        out[:num_rows] = conv1x1_rows(x_flat[:num_rows], shortcut.weight, shortcut.bias)
     updates = []
     for group, patches in enumerate(all_patches):
         if not patches.count:
