@@ -257,8 +257,9 @@ def sparse_block_forward(block: ResidualBlock, x_flat: Tensor, mask: Tensor,
     last_bias = folded[-1].bias.to(x_flat.dtype)
     out = None
     if shortcut is not None:
-        out = x_flat.new_empty(num_rows + 2, block.out_channels)
-        out[:num_rows] = conv1x1_rows(x_flat[:num_rows], shortcut.weight, shortcut.bias)
+        # Over all rows, the zero and sink rows too: the result is the next
+        # buffer as it is (its zero row is reset below), with no copy.
+        out = conv1x1_rows(x_flat, shortcut.weight, shortcut.bias)
     updates = []
     for group, patches in enumerate(all_patches):
         if not patches.count:
