@@ -64,7 +64,7 @@ from mmengine.runner import Runner  # noqa: E402
 import sar_backbones  # noqa: F401,E402  (registries and compat fixes)
 from sar_backbones.analysis.demo_report import (backbone_costs, mask_figure,  # noqa: E402
                                                 results_markdown, stage_weights)
-from sar_backbones.analysis.mask_vis import collect_masks, stage_group_weights  # noqa: E402
+from sar_backbones.analysis.mask_vis import collect_masks  # noqa: E402
 from sar_backbones.datasets import generate  # noqa: E402
 from sar_backbones.engine import get_sar_backbone  # noqa: E402
 

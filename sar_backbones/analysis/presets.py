@@ -8,7 +8,7 @@ scope (mmpretrain, mmdet or mmseg) and the backbone is ``model.backbone``.
 """
 import copy
 import re
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -147,6 +147,37 @@ def sar_backbone(model: nn.Module) -> SARResNet:
     """The :class:`SARResNet` of a task model (or the backbone itself)."""
     from .complexity import find_sar_backbone
     return find_sar_backbone(model)
+
+
+class LoadedModel(NamedTuple):
+    """What an analysis tool works on: the config (None for a preset), task, model, backbone."""
+    cfg: Any
+    task: str
+    model: nn.Module
+    backbone: SARResNet
+
+
+def load_model(config: Optional[str] = None, preset: Optional[str] = None,
+               checkpoint: Optional[str] = None,
+               patch_size: Optional[Sequence[int]] = None,
+               cfg_options: Optional[dict] = None) -> LoadedModel:
+    """A config's task model, or a preset's bare backbone (task ``'preset'``), in eval mode.
+
+    Give exactly one of ``config`` and ``preset``; ``checkpoint`` loads trained
+    weights (whole-model or backbone-only), ``patch_size`` switches a preset to
+    fixed-size patches, ``cfg_options`` is merged into the config.
+    """
+    if (config is None) == (preset is None):
+        raise ValueError('give exactly one of config and preset')
+    if config is not None:
+        cfg = load_config(config, cfg_options)
+        model = build_model_from_config(cfg, checkpoint)
+        return LoadedModel(cfg, task_of_config(cfg), model, sar_backbone(model))
+    kwargs = {} if not patch_size else dict(patch_grid=None, patch_size=tuple(patch_size))
+    backbone = build_preset_backbone(preset, **kwargs)
+    if checkpoint:
+        load_weights(backbone, checkpoint)
+    return LoadedModel(None, 'preset', backbone, backbone)
 
 
 def random_image(shape: Sequence[int], seed: int = 0) -> torch.Tensor:

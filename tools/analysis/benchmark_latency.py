@@ -90,16 +90,11 @@ def _learned(args, sizes):
     """The trained backbone and the inputs its masks are measured on."""
     if args.checkpoint is None:
         return None, None
-    from sar_backbones.analysis.presets import (build_model_from_config, build_preset_backbone,
-                                                load_config, load_weights, sar_backbone)
-    if args.config:
-        model = build_model_from_config(load_config(args.config), args.checkpoint)
-        backbone = sar_backbone(model)
-    elif args.preset:
-        backbone = build_preset_backbone(args.preset)
-        load_weights(backbone, args.checkpoint)
-    else:
+    if not (args.config or args.preset):
         raise SystemExit('--checkpoint needs --config or --preset')
+    from sar_backbones.analysis.presets import load_model
+    backbone = load_model(args.config, None if args.config else args.preset,
+                          args.checkpoint).backbone
     inputs = None
     if args.images:
         from sar_backbones.analysis.flops_stats import list_images, load_image_tensor

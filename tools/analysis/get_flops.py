@@ -23,9 +23,10 @@ import argparse
 import json
 import os
 import os.path as osp
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
+from mmengine.config import DictAction
 import torchvision
 
 from sar_backbones.analysis import count_macs
@@ -33,9 +34,7 @@ from sar_backbones.analysis.flops_stats import (assumed_rate_complexity, dataloa
                                                 folder_inputs, measure_rates,
                                                 plot_rate_flops_histogram, rate_statistics)
 from sar_backbones.analysis.latency import TorchvisionBackbone
-from sar_backbones.analysis.presets import (build_model_from_config, build_preset_backbone,
-                                            load_config, load_weights, sar_backbone,
-                                            task_of_config)
+from sar_backbones.analysis.presets import load_model
 
 DEFAULT_SHAPES = {'classifier': (224, 224), 'preset': (224, 224), 'detector': (800, 1333),
                   'segmentor': (512, 512), 'unknown': (224, 224)}
@@ -70,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='skip the torchvision ResNet of the same depth as a reference')
     p.add_argument('--out', help='JSON output path')
     p.add_argument('--hist', help='histogram PNG path (default: next to --out, or ./flops_hist.png)')
-    p.add_argument('--cfg-options', nargs='+', default=None, metavar='KEY=VALUE',
+    p.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
                    help='override config settings')
     args = p.parse_args(argv)
     if (args.config is None) == (args.preset is None):
@@ -78,15 +77,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.dataloader and args.config is None:
         p.error('--dataloader needs a config')
     return args
-
-
-def _cfg_options(items: Optional[List[str]]) -> Optional[dict]:
-    if not items:
-        return None
-    from mmengine.config import DictAction
-    namespace = argparse.Namespace()
-    DictAction(option_strings=[], dest='opts')(None, namespace, items)
-    return namespace.opts
 
 
 def reference_model(backbone, num_classes: Optional[int]):
@@ -128,22 +118,10 @@ def reference_macs(backbone, shape, num_classes: Optional[int]) -> Tuple[Optiona
 
 
 def run(args: argparse.Namespace) -> Dict[str, object]:
-    cfg = None
-    if args.config:
-        cfg = load_config(args.config, _cfg_options(args.cfg_options))
-        task = task_of_config(cfg)
-        model = build_model_from_config(cfg, args.checkpoint)
-        backbone = sar_backbone(model)
-        source = {'config': args.config, 'task': task}
-    else:
-        task = 'preset'
-        kwargs = {}
-        if args.patch_size:
-            kwargs = dict(patch_grid=None, patch_size=tuple(args.patch_size))
-        model = backbone = build_preset_backbone(args.preset, **kwargs)
-        if args.checkpoint:
-            load_weights(backbone, args.checkpoint)
-        source = {'preset': args.preset, 'task': task}
+    cfg, task, model, backbone = load_model(args.config, args.preset, args.checkpoint,
+                                            args.patch_size, args.cfg_options)
+    source = {'config': args.config} if args.config else {'preset': args.preset}
+    source['task'] = task
     source['checkpoint'] = args.checkpoint
     num_classes = args.num_classes
     if num_classes is None and task == 'classifier':

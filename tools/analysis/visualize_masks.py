@@ -27,13 +27,12 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from mmengine.config import DictAction
 
 from sar_backbones.analysis.flops_stats import (dataloader_inputs, image_to_tensor, list_images,
                                                 load_image, resize_image)
 from sar_backbones.analysis.mask_vis import collect_masks, save_overlays
-from sar_backbones.analysis.presets import (build_model_from_config, build_preset_backbone,
-                                            load_config, load_weights, sar_backbone,
-                                            task_of_config)
+from sar_backbones.analysis.presets import load_model
 
 # Input sizes of the shipped test pipelines: (size, keep_ratio, pad divisor).
 TASK_INPUT = {'classifier': ((224, 224), False, 1), 'preset': ((224, 224), False, 1),
@@ -63,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--level', default='stage', choices=['stage', 'block'])
     p.add_argument('--no-figure', action='store_true', help='skip the composite matplotlib figure')
     p.add_argument('--out-dir', default='work_dirs/mask_vis')
-    p.add_argument('--cfg-options', nargs='+', default=None, metavar='KEY=VALUE')
+    p.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE')
     args = p.parse_args(argv)
     if (args.config is None) == (args.preset is None):
         p.error('give either a config or --preset')
@@ -93,33 +92,11 @@ def _to_picture(x: torch.Tensor, mean, std, rgb: bool) -> np.ndarray:
     return img if rgb else img[..., ::-1].copy()
 
 
-def _cfg_options(items):
-    if not items:
-        return None
-    from mmengine.config import DictAction
-    namespace = argparse.Namespace()
-    DictAction(option_strings=[], dest='opts')(None, namespace, items)
-    return namespace.opts
-
-
 def main(argv=None) -> Dict[str, object]:
     args = parse_args(argv)
-    cfg = None
-    if args.config:
-        cfg = load_config(args.config, _cfg_options(args.cfg_options))
-        task = task_of_config(cfg)
-        model = build_model_from_config(cfg, args.checkpoint)
-        backbone = sar_backbone(model)
-        name = osp.splitext(osp.basename(args.config))[0]
-    else:
-        task = 'preset'
-        kwargs = {}
-        if args.patch_size:
-            kwargs = dict(patch_grid=None, patch_size=tuple(args.patch_size))
-        model = backbone = build_preset_backbone(args.preset, **kwargs)
-        if args.checkpoint:
-            load_weights(backbone, args.checkpoint)
-        name = args.preset
+    cfg, task, model, backbone = load_model(args.config, args.preset, args.checkpoint,
+                                            args.patch_size, args.cfg_options)
+    name = osp.splitext(osp.basename(args.config))[0] if args.config else args.preset
     mean, std, rgb = _normalisation(model)
 
     # (stem, network input, picture, picture size inside the input)
