@@ -510,34 +510,28 @@ def format_per_stage(entries: Sequence[dict]) -> str:
                        '\n'.join(f'| {k} | {_med_min(resnet[0], "grouped", k)} |'
                                   for k in parts) + '\n')
         if sar:
-            labels = []
-            for e in sar:
-                for label in e['grouped']:
-                    if label not in labels:
-                        labels.append(label)
-            header = '| part | ' + ' | '.join(e['case'] for e in sar) + ' |\n'
-            header += '|---|' + '---|' * len(sar) + '\n'
-            body = '\n'.join(
-                f'| {label} | ' + ' | '.join(_med_min(e, 'grouped', label) for e in sar) + ' |'
-                for label in labels)
             out.append(f'\n#### per stage (ms, median / min, summed over the 3 SAR stages): '
-                       f'{size}, {threads} thread(s), depth {depth}\n\n' + header + body + '\n')
+                       f'{size}, {threads} thread(s), depth {depth}\n\n'
+                       + _cases_table(sar, 'grouped') + '\n')
             if all('grouped_macs' in e for e in group):
                 out.append(_efficiency_table(group, size, threads, depth))
             # Also per SAR stage, for the sparse cases.
-            stage_labels = []
-            for e in sar:
-                for label in e['parts']:
-                    if label not in stage_labels:
-                        stage_labels.append(label)
-            header = '| part | ' + ' | '.join(e['case'] for e in sar) + ' |\n'
-            header += '|---|' + '---|' * len(sar) + '\n'
-            body = '\n'.join(
-                f'| {label} | ' + ' | '.join(_med_min(e, 'parts', label) for e in sar) + ' |'
-                for label in stage_labels)
             out.append(f'\n<details><summary>per SAR stage ({size}, {threads} thread(s), depth '
-                       f'{depth})</summary>\n\n' + header + body + '\n\n</details>\n')
+                       f'{depth})</summary>\n\n' + _cases_table(sar, 'parts')
+                       + '\n\n</details>\n')
     return ''.join(out)
+
+
+def _cases_table(entries: Sequence[dict], key: str) -> str:
+    """Markdown table: one row per part (in first-seen order), one column per case."""
+    labels: List[str] = []
+    for entry in entries:
+        labels += [label for label in entry[key] if label not in labels]
+    header = '| part | ' + ' | '.join(e['case'] for e in entries) + ' |\n'
+    header += '|---|' + '---|' * len(entries) + '\n'
+    return header + '\n'.join(
+        f'| {label} | ' + ' | '.join(_med_min(e, key, label) for e in entries) + ' |'
+        for label in labels)
 
 
 def _efficiency_table(group: Sequence[dict], size: str, threads: int, depth: int) -> str:
