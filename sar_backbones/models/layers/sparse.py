@@ -158,13 +158,15 @@ class GroupConv(NamedTuple):
 _group_convs_cache: 'weakref.WeakKeyDictionary' = weakref.WeakKeyDictionary()
 
 
-def _group_convs(block: ResidualBlock) -> Tuple[List[List[GroupConv]], Optional[GroupConv]]:
-    """Per group, the block's folded convolutions, and its folded 1x1 shortcut (cached).
+def _group_convs(block: ResidualBlock, folded: List[FoldedConv],
+                 shortcut: Optional[Tuple[Tensor, Tensor]]
+                 ) -> Tuple[List[List[GroupConv]], Optional[GroupConv]]:
+    """Per group, the block's folded convolutions, and its folded 1x1 shortcut.
 
-    Weights are channels-last, the layout of the gathered inputs, so that
-    oneDNN need not reorder them on every call.
+    ``folded`` and ``shortcut`` are ``block.folded()``; the result is cached
+    until that changes. Weights are channels-last, the layout of the gathered
+    inputs, so that oneDNN need not reorder them on every call.
     """
-    folded, shortcut = block.folded()
     cached = _group_convs_cache.get(block)
     if cached is not None and cached[0] is folded:
         return cached[1]
@@ -244,8 +246,8 @@ def sparse_block_forward(block: ResidualBlock, x_flat: Tensor, mask: Tensor,
     """
     height, width = size
     num_rows = x_flat.shape[0] - 2
-    folded, _ = block.folded()
-    group_convs, shortcut = _group_convs(block)
+    folded, folded_shortcut = block.folded()
+    group_convs, shortcut = _group_convs(block, folded, folded_shortcut)
     layout = patch_layout(height, width, tuple(mask.shape[-2:]), block.dilation, x_flat.device)
     groups = mask.shape[1]
     all_patches = select_patches(mask.flatten(2).bool(), layout, height * width,
