@@ -111,40 +111,55 @@ class GroupPatches(NamedTuple):
     compact_window: Tensor   # (n*WP,) compact rows of the window pixels, 0 if masked out
 
 
-def select_patches(mask: Tensor, layout: PatchLayout, pixels_per_image: int,
-                   need_x_window: bool) -> List[GroupPatches]:
-    """Indices of the selected patches of every group of ``mask`` (``(B, G, Kh*Kw)`` bool)."""
-    batch, groups, num_patches = mask.shape
+def select_patches(masks: Tensor, layout: PatchLayout, pixels_per_image: int,
+                   need_x_window: bool) -> List[List[GroupPatches]]:
+    """Indices of the selected patches of every block and group.
+
+    Args:
+        masks (Tensor): ``(N, B, G, Kh*Kw)`` bool, the masks of the ``N``
+            blocks of a stage, which share one layout: one pass for all of
+            them costs about as much as one pass per block.
+        layout (PatchLayout): The patches of the stage's feature map.
+        pixels_per_image (int): ``H*W``.
+        need_x_window (bool): Whether the first convolution is 3x3, i.e.
+            reads windows of the full-size input.
+
+    Returns:
+        list[list[GroupPatches]]: Per block, per group.
+    """
+    blocks, batch, groups, num_patches = masks.shape
     zero_row, sink_row = batch * pixels_per_image, batch * pixels_per_image + 1
-    per_group = mask.transpose(0, 1).reshape(groups, batch * num_patches)
-    counts = per_group.sum(1).tolist()
-    group, key = per_group.nonzero(as_tuple=True)  # ordered by group, then image and patch
+    # One row per (block, group): the selected (image, patch) pairs.
+    selections = masks.transpose(1, 2).reshape(blocks * groups, batch * num_patches)
+    counts = selections.sum(1).tolist()
+    row, key = selections.nonzero(as_tuple=True)  # ordered by row, then image and patch
     image, patch = key.div(num_patches, rounding_mode='floor'), key.remainder(num_patches)
-    # Position of each selected (image, patch) among its group's selections.
-    rank = per_group.cumsum(1).sub_(1)
+    # Position of each selected (image, patch) among its row's selections.
+    rank = selections.cumsum(1).sub_(1)
 
     core = layout.core[patch]
     offset = (image * pixels_per_image)[:, None]
     read_core = torch.where(core >= 0, core + offset, zero_row)
     write_core = torch.where(core >= 0, core + offset, sink_row)
     # A window pixel holds data only where the patch it falls in is selected
-    # for the group (the masking of the dense path).
+    # for the same block and group (the masking of the dense path).
     window = layout.window[patch]
     window_key = layout.window_patch[patch] + (image * num_patches)[:, None]
-    valid = (window >= 0) & per_group[group[:, None], window_key]
+    valid = (window >= 0) & selections[row[:, None], window_key]
     compact_window = torch.where(
-        valid, rank[group[:, None], window_key] * core.shape[1] + layout.window_local[patch] + 1, 0)
+        valid, rank[row[:, None], window_key] * core.shape[1] + layout.window_local[patch] + 1, 0)
     x_window = torch.where(valid, window + offset, zero_row) if need_x_window \
         else core.new_empty(0)
 
     def split(t: Tensor) -> Sequence[Tensor]:
         return t.flatten().split([n * t.shape[1] for n in counts])
 
-    return [
+    patches = [
         GroupPatches(n, *parts) for n, *parts in zip(
             counts, split(read_core), split(write_core),
-            split(x_window) if need_x_window else [x_window] * groups, split(compact_window))
+            split(x_window) if need_x_window else [x_window] * len(counts), split(compact_window))
     ]
+    return [patches[block * groups:(block + 1) * groups] for block in range(blocks)]
 
 
 class GroupConv(NamedTuple):
@@ -214,16 +229,17 @@ def _run_group(convs: List[GroupConv], x_flat: Tensor, in_cols: slice, patches: 
     Returns ``residual_base + F(x)`` for the group's own pixels, ``(n*PP, C_out/G)``.
     """
     n, rows = patches.count, patches.read_core.numel()
-    compact: Optional[Tensor] = None  # (1 + n*PP, C): zero row, then the selected pixels
+    hidden: Optional[Tensor] = None  # (n*PP, C) activation of the selected pixels
+    compact: Optional[Tensor] = None  # the same after a zero row, for window gathers
     for index, conv in enumerate(convs):
         is_last = index == len(convs) - 1
         bias = None if is_last else conv.bias  # the last one is added densely
         if conv.kernel_size == 1:
-            inputs = compact[1:] if compact is not None else \
+            inputs = hidden if hidden is not None else \
                 x_flat[:, in_cols].index_select(0, patches.read_core)
             out = conv1x1_rows(inputs, conv.weight, bias)
         else:
-            source, index_rows = (x_flat[:, in_cols], patches.x_window) if compact is None \
+            source, index_rows = (x_flat[:, in_cols], patches.x_window) if hidden is None \
                 else (compact, patches.compact_window)
             window = source.index_select(0, index_rows).view(n, *layout.window_shape, -1)
             out = F.conv2d(window.permute(0, 3, 1, 2), conv.weight.to(x_flat.dtype),
@@ -231,29 +247,29 @@ def _run_group(convs: List[GroupConv], x_flat: Tensor, in_cols: slice, patches: 
             out = out.permute(0, 2, 3, 1).reshape(rows, -1)
         if is_last:
             return out.add_(residual_base)
-        compact = out.new_empty(1 + rows, out.shape[1])
-        compact[0].zero_()
-        torch.clamp_min(out, 0, out=compact[1:])
+        if convs[index + 1].kernel_size == 1:  # read as rows: no zero row needed
+            hidden = out.clamp_min_(0)
+        else:
+            compact = out.new_empty(1 + rows, out.shape[1])
+            compact[0].zero_()
+            hidden = torch.clamp_min(out, 0, out=compact[1:])
     raise AssertionError('a block has at least one convolution')
 
 
-def sparse_block_forward(block: ResidualBlock, x_flat: Tensor, mask: Tensor,
-                         size: Tuple[int, int]) -> Tensor:
+def sparse_block_forward(block: ResidualBlock, x_flat: Tensor, all_patches: List[GroupPatches],
+                         layout: PatchLayout) -> Tensor:
     """One refine block on a flat ``(B*H*W + 2, C)`` buffer; returns the same layout.
 
-    With an identity shortcut the block updates ``x_flat`` in place (after
-    all groups have read it), which saves a full-size buffer per block.
+    ``all_patches`` are the block's selected patches per group
+    (:func:`select_patches`). With an identity shortcut the block updates
+    ``x_flat`` in place (after all groups have read it), which saves a
+    full-size buffer per block.
     """
-    height, width = size
     num_rows = x_flat.shape[0] - 2
     folded, folded_shortcut = block.folded()
     group_convs, shortcut = _group_convs(block, folded, folded_shortcut)
-    layout = patch_layout(height, width, tuple(mask.shape[-2:]), block.dilation, x_flat.device)
-    groups = mask.shape[1]
-    all_patches = select_patches(mask.flatten(2).bool(), layout, height * width,
-                                 need_x_window=folded[0].kernel_size > 1)
+    groups = len(all_patches)
     in_width, out_width = block.in_channels // groups, block.out_channels // groups
-
     # The dense part first (shortcut + the shift of the last, unmasked norm)
     # when it does not overwrite the input the groups still have to read.
     last_bias = folded[-1].bias.to(x_flat.dtype)
@@ -301,10 +317,20 @@ def to_flat(x: Tensor) -> Tensor:
 
 
 def sparse_refine_forward(blocks: Sequence[ResidualBlock], x: Tensor, masks: List[Tensor]) -> Tensor:
-    """Run a chain of refine blocks sparsely; returns ``(B, C, H, W)`` (channels-last memory)."""
+    """Run a chain of refine blocks sparsely; returns ``(B, C, H, W)`` (channels-last memory).
+
+    The blocks of a stage share the patch layout (same map, grid and
+    dilation), so their patch indices are computed in one pass.
+    """
     batch, _, height, width = x.shape
+    first = blocks[0]
+    if any(block.dilation != first.dilation or block.groups != first.groups for block in blocks):
+        raise ValueError('the refine blocks of a stage must share their dilation and groups')
+    layout = patch_layout(height, width, tuple(masks[0].shape[-2:]), first.dilation, x.device)
+    patches = select_patches(torch.stack(masks).flatten(3).bool(), layout, height * width,
+                             need_x_window=first.folded()[0][0].kernel_size > 1)
     x_flat = to_flat(x)
-    for block, mask in zip(blocks, masks):
-        x_flat = sparse_block_forward(block, x_flat, mask, (height, width))
+    for block, block_patches in zip(blocks, patches):
+        x_flat = sparse_block_forward(block, x_flat, block_patches, layout)
     channels = x_flat.shape[1]  # explicit: -1 cannot be inferred for an empty batch
     return x_flat[:batch * height * width].view(batch, height, width, channels).permute(0, 3, 1, 2)
