@@ -141,7 +141,14 @@ def test_benchmark_tool_learned_masks_from_a_checkpoint(tmp_path, tiny_imagenet)
         '--depths', '18', '--sizes', '64x64', '--threads', '1', '--rates', '0.5',
         '--modes', 'sparse', '--reps', '1', '--warmup', '0', '--bn-fold', 'neither',
         '--preset', 'sar-resnet18-g2s2a2b1', '--checkpoint', str(ckpt),
-        '--images', str(tiny_imagenet / 'val'), '--out', str(out)])
+        '--images', str(tiny_imagenet / 'val'), '--patch-mode', 'grid', '--patch-grid', '4', '4', '2',
+        '--out', str(out)])
+    # --patch-grid reaches the random-mask models: rate 0.5 is exact on 4x4/4x4/2x2 grids
+    assert list(report['meta']['config']['patch_grid']) == [4, 4, 2]
+    random_row = next(r for r in report['results'] if r['model'] == 'sar18-sparse@0.50')
+    expected = model_complexity(build_preset_backbone('sar-resnet18-g2s2a2b1', patch_grid=(4, 4, 2)),
+                                (3, 64, 64), 0.5)
+    assert random_row['flops'] == pytest.approx(expected['flops'])
     learned = next(r for r in report['results'] if r['rate'] == 'learned')
     assert learned['model'] == 'sar18-sparse@learned'
     assert learned['activation_rate'] == pytest.approx(1.0)  # untrained: everything selected

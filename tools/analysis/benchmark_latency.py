@@ -51,6 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--channels-last', action='store_true', help='channels-last on both sides')
     p.add_argument('--patch-mode', default='auto', choices=['auto', 'grid', 'size'],
                    help='auto: patch grid 14/7/2 at 224x224, patch size 4/4/7 px otherwise')
+    p.add_argument('--patch-grid', type=int, nargs=3, default=None, metavar='K',
+                   help='patch grid per SAR stage in grid mode (default: 14 7 2)')
+    p.add_argument('--patch-size', type=int, nargs=3, default=None, metavar='P',
+                   help='patch size in pixels per SAR stage in size mode (default: 4 4 7)')
     p.add_argument('--per-stage', action='store_true', help='time each stage/part with hooks')
     p.add_argument('--per-stage-reps', type=int, default=5)
     p.add_argument('--per-stage-rates', type=float, nargs='+', default=None,
@@ -133,7 +137,10 @@ def main(argv=None) -> dict:
         depths=args.depths, sizes=sizes, threads=args.threads, rates=args.rates,
         variant=_variant(args.variant), reps=args.reps, warmup=args.warmup,
         reps_by_size=reps_by_size, depths_by_size=depths_by_size, modes=args.modes, bn_fold=args.bn_fold,
-        channels_last=args.channels_last, patch_mode=args.patch_mode, per_stage=args.per_stage,
+        channels_last=args.channels_last, patch_mode=args.patch_mode,
+        **{name: tuple(value) for name, value in (('patch_grid', args.patch_grid),
+                                                  ('patch_size', args.patch_size)) if value},
+        per_stage=args.per_stage,
         per_stage_reps=args.per_stage_reps, per_stage_rates=args.per_stage_rates,
         profile=args.profile, profile_rate=args.profile_rate, check=not args.no_check,
         seed=args.seed, learned_backbone=learned, learned_inputs=inputs)
