@@ -256,6 +256,17 @@ def _run_group(convs: List[GroupConv], x_flat: Tensor, in_cols: slice, patches: 
     raise AssertionError('a block has at least one convolution')
 
 
+def add_relu_(x: Tensor, bias: Tensor) -> Tensor:
+    """``x = ReLU(x + bias)`` in place, in one pass where ATen has the fused kernel.
+
+    ``aten::_add_relu_`` (the kernel behind TorchScript's add-ReLU fusion)
+    exists for float32/float64 CPU tensors only; elsewhere two passes.
+    """
+    if x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64):
+        return torch.ops.aten._add_relu_(x, bias)
+    return x.add_(bias).relu_()
+
+
 def sparse_block_forward(block: ResidualBlock, x_flat: Tensor, all_patches: List[GroupPatches],
                          layout: PatchLayout) -> Tensor:
     """One refine block on a flat ``(B*H*W + 2, C)`` buffer; returns the same layout.
@@ -270,38 +281,36 @@ def sparse_block_forward(block: ResidualBlock, x_flat: Tensor, all_patches: List
     group_convs, shortcut = _group_convs(block, folded, folded_shortcut)
     groups = len(all_patches)
     in_width, out_width = block.in_channels // groups, block.out_channels // groups
-    # The dense part first (shortcut + the shift of the last, unmasked norm)
-    # when it does not overwrite the input the groups still have to read.
-    last_bias = folded[-1].bias.to(x_flat.dtype)
-    out = None
-    if shortcut is not None:
-        # Over all rows, the zero and sink rows too: the result is the next
-        # buffer as it is (its zero row is reset below), with no copy.
-        out = conv1x1_rows(x_flat, shortcut.weight, shortcut.bias)
+    # The shortcut: a folded 1x1 conv (whose bias carries the last norm's
+    # shift b_last) into a new buffer, or the identity, updated in place once
+    # all groups have read their input.
+    identity = shortcut is None
+    # Over all rows, the zero and sink rows too: the result is the next buffer
+    # as it is (its zero row is reset below), with no copy.
+    out = x_flat if identity else conv1x1_rows(x_flat, shortcut.weight, shortcut.bias)
     updates = []
     for group, patches in enumerate(all_patches):
         if not patches.count:
             continue
         out_cols = slice(group * out_width, (group + 1) * out_width)
-        if out is not None:
-            base = out[:, out_cols].index_select(0, patches.write_core)
-        else:  # identity shortcut: x + b_last, added below to every pixel
-            base = x_flat[:, out_cols].index_select(0, patches.write_core)
+        base = out[:, out_cols].index_select(0, patches.write_core)
         in_cols = slice(group * in_width, (group + 1) * in_width)
         updates.append((out_cols, patches.write_core,
                         _run_group(group_convs[group], x_flat, in_cols, patches, layout, base)))
-    if out is None:
-        out = x_flat
-        out[:num_rows] += last_bias
     # Own pixels are written once each (padding all goes to the sink row), so
     # gather-add-copy is exact and avoids the atomic adds of an accumulating
     # scatter, which contend badly across threads.
     for out_cols, write_core, updated in updates:
-        if out is x_flat:
-            updated += last_bias[out_cols]
         out[:, out_cols].index_copy_(0, write_core, updated.to(out.dtype))
-    if block.last_relu:
-        out[:num_rows].relu_()
+    # One pass over the map: b_last for the identity shortcut (every pixel,
+    # the refined ones too: their last conv ran without bias), then the ReLU.
+    pixels = out[:num_rows]
+    if identity and block.last_relu:
+        add_relu_(pixels, folded[-1].bias.to(out.dtype))
+    elif identity:
+        pixels += folded[-1].bias.to(out.dtype)
+    elif block.last_relu:
+        pixels.relu_()
     out[num_rows].zero_()
     return out
 

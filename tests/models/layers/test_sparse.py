@@ -4,7 +4,7 @@ import torch
 
 from sar_backbones.models.backbones import SARStage
 from sar_backbones.models.layers import BasicBlock, Bottleneck
-from sar_backbones.models.layers.sparse import patch_layout
+from sar_backbones.models.layers.sparse import add_relu_, patch_layout
 from tests.models.helpers import randomize_norms, relative_error
 
 
@@ -108,3 +108,13 @@ def test_layout_windows_point_at_the_owners_core(height, width, grid, dilation):
             if inside:  # the gather finds the pixel in its owner's core
                 owner, local = layout.window_patch[patch, slot], layout.window_local[patch, slot]
                 assert int(layout.core[owner, local]) == pixel
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])  # fused kernel / fallback
+def test_add_relu_in_place(dtype):
+    x = torch.randn(50, 16).to(dtype)
+    bias = torch.randn(16).to(dtype)
+    expected, untouched = torch.relu(x[:40] + bias), x[40:].clone()
+    rows = x[:40]  # a view, as the sparse path passes the pixel rows of its buffer
+    assert add_relu_(rows, bias) is rows
+    assert torch.equal(x[:40], expected) and torch.equal(x[40:], untouched)
