@@ -21,8 +21,10 @@ computes, but only on the selected patches:
 * BatchNorm is folded into the convolutions.
 
 A stage-1 patch is only 16 pixels, so the number of operations matters as
-much as their FLOPs: patch indices are computed for all groups at once, and
-each group runs one gather and one convolution per convolution of the block.
+much as their FLOPs: patch indices are computed for all blocks and groups of
+a stage at once, each group runs one gather and one convolution per
+convolution of the block, and the dense part of a block is one pass over the
+map.
 (An im2col gather + matrix product for the 3x3 convolutions was tried and is
 ~4% slower end to end than oneDNN on the windows.)
 """
