@@ -35,8 +35,8 @@ from torch import Tensor
 
 from ..models.backbones import SARResNet
 from .complexity import count_macs, model_complexity
-from .latency import (PartTimer, build_resnet_backbone, fold_batchnorm, group_parts, part_macs,
-                      interleaved_timing, machine_info, max_relative_error, profile_ops,
+from .latency import (PartTimer, build_resnet_backbone, conv_backend, fold_batchnorm, group_parts,
+                      part_macs, interleaved_timing, machine_info, max_relative_error, profile_ops,
                       resnet_parts, sar_parts, set_threads, summarize)
 from .presets import DEFAULT_PATCH_GRID, DEFAULT_PATCH_SIZE, build_preset_backbone, preset_name
 
@@ -56,6 +56,7 @@ class LatencyConfig:
     modes: Sequence[str] = ('dense', 'sparse')
     bn_fold: str = 'both'  # 'both' | 'neither'
     channels_last: bool = False
+    conv_backend: str = 'default'  # 'default' (PyTorch's dispatch) | 'onednn', both sides
     patch_mode: str = 'auto'  # 'auto' (grid at 224, size otherwise) | 'grid' | 'size'
     patch_grid: Sequence[int] = DEFAULT_PATCH_GRID
     patch_size: Sequence[int] = DEFAULT_PATCH_SIZE
@@ -121,6 +122,11 @@ def _fmt_rate(rate) -> str:
 def run_latency_benchmark(cfg: LatencyConfig,
                           log: Callable[[str], None] = print) -> Dict[str, object]:
     """Run the benchmark; returns a JSON-serialisable dict (``meta``, ``results``, ...)."""
+    with conv_backend(cfg.conv_backend):
+        return _run_latency_benchmark(cfg, log)
+
+
+def _run_latency_benchmark(cfg: LatencyConfig, log: Callable[[str], None]) -> Dict[str, object]:
     if cfg.bn_fold not in ('both', 'neither'):
         raise ValueError(f"bn_fold must be 'both' or 'neither', got {cfg.bn_fold!r}")
     fold_sar = cfg.bn_fold == 'both'
@@ -574,6 +580,12 @@ def format_profiles(profiles: Sequence[dict]) -> str:
     return ''.join(out)
 
 
+_CONV_BACKEND_TEXT = {
+    'default': "PyTorch's default dispatch (THNN or oneDNN per conv)",
+    'onednn': 'oneDNN for every conv, both sides (--conv-backend onednn)',
+}
+
+
 def format_report(report: Dict[str, object]) -> str:
     """The whole markdown report: machine, command, tables, per-stage and profiles."""
     meta = report['meta']
@@ -587,8 +599,9 @@ def format_report(report: Dict[str, object]) -> str:
         f"- batch 1, float32, backbone only (stem + 4 stages, no head), "
         f"BN folding: {cfg['bn_fold']} (ratios are against resnet{{d}}"
         f"{'+fold' if cfg['bn_fold'] == 'both' else ''}), channels-last: "
-        f"{'both' if cfg['channels_last'] else 'neither'}; the sparse refine path always runs "
-        'on BN-folded weights (part of the method)',
+        f"{'both' if cfg['channels_last'] else 'neither'}; conv kernels: "
+        f"{_CONV_BACKEND_TEXT[cfg.get('conv_backend', 'default')]}; the sparse refine path always "
+        'runs on BN-folded weights (part of the method)',
         f"- reps: {cfg['reps']} (overrides {cfg['reps_by_size'] or 'none'}), warm-up rounds: "
         f"{cfg['warmup']}, interleaved shuffled rounds; median and inter-quartile range",
         f"- environment: {meta.get('env') or 'defaults'} ({meta.get('torch_parallel_info', '')})",

@@ -6,6 +6,7 @@ every case once, in a shuffled order) on the same input, and the reported
 figure is the median with its inter-quartile range. Ratios are formed from
 medians of the same run.
 """
+import contextlib
 import copy
 import platform
 import random
@@ -17,9 +18,11 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.utils import _pair
 
 from ..models.backbones import SARResNet
 
@@ -433,6 +436,40 @@ def profile_ops(fn: Callable[[], object], reps: int = 3, top: int = 15,
     for row in rows:
         row['share'] = row['self_ms_per_call'] / total if total else 0.0
     return rows[:top]
+
+
+CONV_BACKENDS = ('default', 'onednn')
+
+
+@contextlib.contextmanager
+def conv_backend(name: str):
+    """Which kernels float32 CPU convolutions use while the context is open.
+
+    ``'default'``: PyTorch's own choice, which on batch 1 sends 1x1 stride-1
+    convs on one thread and 3x3 convs on small maps to its THNN im2col + gemm
+    kernel and the rest to oneDNN. ``'onednn'``: every conv to oneDNN
+    (``aten::mkldnn_convolution``, weights reordered on each call as in the
+    default path), for both networks alike, through ``F.conv2d``, which
+    ``nn.Conv2d`` and the sparse refine path call.
+    """
+    if name not in CONV_BACKENDS:
+        raise ValueError(f'conv backend must be one of {CONV_BACKENDS}, got {name!r}')
+    if name == 'default':
+        yield
+        return
+    default_conv2d = F.conv2d
+
+    def onednn_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        if input.device.type != 'cpu' or input.dtype != torch.float32 or isinstance(padding, str):
+            return default_conv2d(input, weight, bias, stride, padding, dilation, groups)
+        return torch.ops.aten.mkldnn_convolution(input, weight, bias, _pair(padding),
+                                                 _pair(stride), _pair(dilation), groups)
+
+    F.conv2d = onednn_conv2d
+    try:
+        yield
+    finally:
+        F.conv2d = default_conv2d
 
 
 def set_threads(threads: int) -> int:

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from sar_backbones.analysis import model_complexity
-from sar_backbones.analysis.latency import (PartTimer, build_resnet_backbone, fold_batchnorm,
+from sar_backbones.analysis.latency import (PartTimer, build_resnet_backbone, conv_backend,
+                                            fold_batchnorm,
                                             group_parts, interleaved_timing, max_relative_error,
                                             parse_size, sar_parts, summarize)
 from sar_backbones.analysis.presets import build_preset_backbone
@@ -142,7 +143,9 @@ def test_benchmark_tool_learned_masks_from_a_checkpoint(tmp_path, tiny_imagenet)
         '--modes', 'sparse', '--reps', '1', '--warmup', '0', '--bn-fold', 'neither',
         '--preset', 'sar-resnet18-g2s2a2b1', '--checkpoint', str(ckpt),
         '--images', str(tiny_imagenet / 'val'), '--patch-mode', 'grid', '--patch-grid', '4', '4', '2',
-        '--out', str(out)])
+        '--conv-backend', 'onednn', '--out', str(out)])
+    assert report['meta']['config']['conv_backend'] == 'onednn'
+    assert 'oneDNN for every conv' in (tmp_path / 'learned.md').read_text()
     # --patch-grid reaches the random-mask models: rate 0.5 is exact on 4x4/4x4/2x2 grids
     assert list(report['meta']['config']['patch_grid']) == [4, 4, 2]
     random_row = next(r for r in report['results'] if r['model'] == 'sar18-sparse@0.50')
@@ -155,3 +158,36 @@ def test_benchmark_tool_learned_masks_from_a_checkpoint(tmp_path, tiny_imagenet)
     assert len(learned['stage_rates']) == 3
     assert report['meta']['config']['bn_fold'] == 'neither'
     assert next(r for r in report['results'] if r['model'] == 'resnet18')['ratio_vs_resnet'] == 1.0
+
+
+def _conv_kernels(fn) -> set:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()} & {'aten::_slow_conv2d_forward',
+                                                   'aten::mkldnn_convolution'}
+
+
+def test_conv_backend_onednn_routes_every_conv_and_keeps_the_function():
+    x = torch.randn(1, 3, 64, 64)
+    resnet = fold_batchnorm(build_resnet_backbone(18)).eval()
+    sar = fold_batchnorm(build_preset_backbone('sar-resnet18-g2s2a2b1'))
+    sar.set_mask_override(0.5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # where PyTorch itself picks THNN for batch-1 1x1 convs
+    try:
+        with torch.inference_mode():
+            for model in (resnet, sar):
+                default_out = model(x)
+                assert _conv_kernels(lambda: model(x)) == {'aten::_slow_conv2d_forward',
+                                                            'aten::mkldnn_convolution'}
+                default_conv2d = torch.nn.functional.conv2d
+                with conv_backend('onednn'):
+                    assert _conv_kernels(lambda: model(x)) == {'aten::mkldnn_convolution'}
+                    assert max_relative_error(model(x), default_out) < 1e-4
+                assert torch.nn.functional.conv2d is default_conv2d
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match='conv backend'):
+        with conv_backend('cudnn'):
+            pass

@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='fold BN into convs on both sides (SAR vs resnet+fold) or neither '
                         '(SAR vs plain resnet); the sparse refine path folds internally either way')
     p.add_argument('--channels-last', action='store_true', help='channels-last on both sides')
+    p.add_argument('--conv-backend', default='default', choices=['default', 'onednn'],
+                   help="conv kernels on both sides: PyTorch's default dispatch, or oneDNN for "
+                        'every conv (PyTorch sends batch-1 1x1 convs on one thread to THNN)')
     p.add_argument('--patch-mode', default='auto', choices=['auto', 'grid', 'size'],
                    help='auto: patch grid 14/7/2 at 224x224, patch size 4/4/7 px otherwise')
     p.add_argument('--patch-grid', type=int, nargs=3, default=None, metavar='K',
@@ -137,7 +140,8 @@ def main(argv=None) -> dict:
         depths=args.depths, sizes=sizes, threads=args.threads, rates=args.rates,
         variant=_variant(args.variant), reps=args.reps, warmup=args.warmup,
         reps_by_size=reps_by_size, depths_by_size=depths_by_size, modes=args.modes, bn_fold=args.bn_fold,
-        channels_last=args.channels_last, patch_mode=args.patch_mode,
+        channels_last=args.channels_last, conv_backend=args.conv_backend,
+        patch_mode=args.patch_mode,
         **{name: tuple(value) for name, value in (('patch_grid', args.patch_grid),
                                                   ('patch_size', args.patch_size)) if value},
         per_stage=args.per_stage,
