@@ -136,15 +136,17 @@ def main(argv=None) -> dict:
     if args.depths_large is not None:
         depths_by_size = {f'{h}x{w}': args.depths_large for h, w in sizes if h * w > 224 * 224}
     learned, inputs = _learned(args, sizes)
+    patches = {}  # LatencyConfig's defaults unless given
+    if args.patch_grid:
+        patches['patch_grid'] = tuple(args.patch_grid)
+    if args.patch_size:
+        patches['patch_size'] = tuple(args.patch_size)
     cfg = LatencyConfig(
         depths=args.depths, sizes=sizes, threads=args.threads, rates=args.rates,
         variant=_variant(args.variant), reps=args.reps, warmup=args.warmup,
         reps_by_size=reps_by_size, depths_by_size=depths_by_size, modes=args.modes, bn_fold=args.bn_fold,
         channels_last=args.channels_last, conv_backend=args.conv_backend,
-        patch_mode=args.patch_mode,
-        **{name: tuple(value) for name, value in (('patch_grid', args.patch_grid),
-                                                  ('patch_size', args.patch_size)) if value},
-        per_stage=args.per_stage,
+        patch_mode=args.patch_mode, **patches, per_stage=args.per_stage,
         per_stage_reps=args.per_stage_reps, per_stage_rates=args.per_stage_rates,
         profile=args.profile, profile_rate=args.profile_rate, check=not args.no_check,
         seed=args.seed, learned_backbone=learned, learned_inputs=inputs)

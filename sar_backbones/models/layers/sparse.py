@@ -283,12 +283,11 @@ def sparse_block_forward(block: ResidualBlock, x_flat: Tensor, all_patches: List
     group_convs, shortcut = _group_convs(block, folded, folded_shortcut)
     groups = len(all_patches)
     in_width, out_width = block.in_channels // groups, block.out_channels // groups
-    # The shortcut: a folded 1x1 conv (whose bias carries the last norm's
-    # shift b_last) into a new buffer, or the identity, updated in place once
-    # all groups have read their input.
+    # The shortcut is the identity, updated in place once all groups have read
+    # their input, or a folded 1x1 conv whose bias carries the last norm's
+    # shift b_last; the conv runs over all rows, the zero and sink rows too,
+    # so that its result is the next buffer as it is (zero row reset below).
     identity = shortcut is None
-    # Over all rows, the zero and sink rows too: the result is the next buffer
-    # as it is (its zero row is reset below), with no copy.
     out = x_flat if identity else conv1x1_rows(x_flat, shortcut.weight, shortcut.bias)
     updates = []
     for group, patches in enumerate(all_patches):
