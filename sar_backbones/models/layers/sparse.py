@@ -338,7 +338,7 @@ def sparse_refine_forward(blocks: Sequence[ResidualBlock], x: Tensor, masks: Lis
         raise ValueError('the refine blocks of a stage must share their dilation and groups')
     layout = patch_layout(height, width, tuple(masks[0].shape[-2:]), first.dilation, x.device)
     patches = select_patches(torch.stack(masks).flatten(3).bool(), layout, height * width,
-                             need_x_window=first.folded()[0][0].kernel_size > 1)
+                             need_x_window=first.specs[0].kernel_size > 1)
     x_flat = to_flat(x)
     for block, block_patches in zip(blocks, patches):
         x_flat = sparse_block_forward(block, x_flat, block_patches, layout)
