@@ -113,9 +113,7 @@ def fuse_upsampled(low: Tensor, high: Tensor, low_weight: Tensor, in_place: bool
                          blocks(high, rh, rw), high_weight.view(b, 1, 1, 1, 1, c),
                          None if out is None else blocks(out, rh, rw))
         fused = fused.flatten(3, 4).flatten(1, 2).permute(0, 3, 1, 2)
-        if out_format == torch.channels_last:
-            return fused
-        return rows_to_nchw(fused) if not needs_grad else fused.contiguous()
+        return fused if out_format == torch.channels_last else rows_to_nchw(fused)
     # NCHW: a 2-element innermost loop (the column offsets) would be slow, so
     # widen the low map to full width first and broadcast it over the row
     # offsets only (half the size of up(low)).

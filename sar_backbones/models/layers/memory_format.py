@@ -28,7 +28,7 @@ def copy_to_rows_(rows: Tensor, x: Tensor) -> Tensor:
 
 
 def rows_to_nchw(x: Tensor) -> Tensor:
-    """A contiguous (NCHW) copy of an NHWC-strided ``(B, C, H, W)`` tensor."""
+    """A contiguous (NCHW) copy of an NHWC-strided ``(B, C, H, W)`` tensor (differentiable)."""
     batch, channels, height, width = x.shape
     out = x.new_empty(x.shape)
     for image in range(batch):

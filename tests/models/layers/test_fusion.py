@@ -37,11 +37,11 @@ def test_fuse_upsampled_matches_reference_in_the_low_maps_format(low_format, hig
     assert memory_format_of(out) == low_format and out.is_contiguous(memory_format=low_format)
 
 
-@pytest.mark.parametrize('memory_format', [NCHW, NHWC])
-def test_fusion_gate_gradients_match_reference(memory_format):
+@pytest.mark.parametrize('low_format,high_format', [(NCHW, NCHW), (NHWC, NHWC), (NCHW, NHWC)])
+def test_fusion_gate_gradients_match_reference(low_format, high_format):
     gate = FusionGate(16, reduction=4)
-    low = torch.randn(2, 16, 4, 6).contiguous(memory_format=memory_format).requires_grad_()
-    high = torch.randn(2, 16, 8, 12).contiguous(memory_format=memory_format).requires_grad_()
+    low = torch.randn(2, 16, 4, 6).contiguous(memory_format=low_format).requires_grad_()
+    high = torch.randn(2, 16, 8, 12).contiguous(memory_format=high_format).requires_grad_()
     out = gate(low, high)
     grads = torch.autograd.grad(out.square().sum(), [low, high, gate.fc1.weight])
     expected = _reference(low, high, gate.weights(low))
