@@ -255,7 +255,7 @@ def sar_parts(backbone: SARResNet) -> Tuple[List[Tuple[str, nn.Module]], List[Tu
         if stage.base_pool is not None:
             leaves.append((prefix + 'base', stage.base_pool))
         leaves += [(prefix + 'base', b) for b in stage.base_blocks]
-        leaves += [(prefix + 'select', s) for s in stage.selectors]
+        leaves.append((prefix + 'select', stage.selectors))  # all at once, as they run
         leaves += [(prefix + 'refine', b) for b in stage.refine_blocks]
         for align in (stage.base_align, stage.refine_align):
             if align is not None:

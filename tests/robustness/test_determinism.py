@@ -83,3 +83,26 @@ def test_mask_override_is_reproducible_and_path_independent(model):
         assert torch.equal(a, b)
     for d, s in zip(first[0][0], first[1][0]):
         assert relative_error(s, d) < 1e-4
+
+
+def test_mask_override_follows_its_settings(model):
+    """The drawn masks are kept between calls, but only for the rate and seed they were drawn for."""
+    x = torch.randn(1, 3, 64, 80)
+    drawn = {}
+    try:
+        for rate, seed in ((0.25, 0), (0.75, 0), (0.25, 1), (0.25, 0)):
+            model.set_mask_override(rate, seed=seed)
+            with torch.no_grad():
+                model(x)
+            masks = model.get_masks()
+            for mask in masks:  # exactly round(rate * K) patches per image and group
+                expected = round(rate * mask.shape[-2] * mask.shape[-1])
+                assert torch.equal(mask.flatten(2).sum(-1), torch.full(mask.shape[:2], expected,
+                                                                       dtype=mask.dtype))
+            drawn.setdefault((rate, seed), []).append(torch.cat([m.flatten() for m in masks]))
+            masks[0].zero_()  # a caller's edit must not reach the next forward
+    finally:
+        model.set_mask_override(None)
+    first, again = drawn[(0.25, 0)]
+    assert torch.equal(first, again)
+    assert not torch.equal(first, drawn[(0.25, 1)][0])

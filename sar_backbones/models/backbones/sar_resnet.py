@@ -180,6 +180,7 @@ class SARResNet(BaseModule):
         self.norm_eval = norm_eval
         self.inference_mode = inference_mode
         self._mask_override: Optional[Tuple[float, int]] = None
+        self._override_masks: Dict[Tuple[int, torch.Size], Tensor] = {}
         self._masks: List[Tensor] = []
 
         self._make_stem(in_channels, stem_channels, conv_cfg, norm_cfg)
@@ -459,6 +460,7 @@ class SARResNet(BaseModule):
         if rate is not None and not 0 <= rate <= 1:
             raise ValueError(f'mask override rate must be in [0, 1], got {rate}')
         self._mask_override = None if rate is None else (float(rate), int(seed))
+        self._override_masks = {}
 
     def _override_fn(self, block_offset: int):
         if self._mask_override is None:
@@ -466,12 +468,20 @@ class SARResNet(BaseModule):
         rate, seed = self._mask_override
 
         def override(mask: Tensor, index: int) -> Tensor:
-            batch, groups, kh, kw = mask.shape
-            generator = torch.Generator().manual_seed(seed * 1000 + block_offset + index)
-            scores = torch.rand(batch, groups, kh * kw, generator=generator)
-            keep = scores.argsort(dim=-1)[..., :round(rate * kh * kw)]
-            random_mask = torch.zeros(batch, groups, kh * kw).scatter_(-1, keep, 1.0)
-            return random_mask.view_as(mask).to(mask)
+            block = block_offset + index
+            # The masks depend on the shape only: drawn once, so that latency
+            # sweeps do not time the drawing.
+            random_mask = self._override_masks.get((block, mask.shape))
+            if random_mask is None:
+                batch, groups, kh, kw = mask.shape
+                generator = torch.Generator().manual_seed(seed * 1000 + block)
+                scores = torch.rand(batch, groups, kh * kw, generator=generator)
+                keep = scores.argsort(dim=-1)[..., :round(rate * kh * kw)]
+                with torch.inference_mode(False):  # usable by autograd later
+                    random_mask = torch.zeros(batch, groups, kh * kw).scatter_(-1, keep, 1.0)
+                random_mask = random_mask.view(mask.shape)
+                self._override_masks[(block, mask.shape)] = random_mask
+            return random_mask.to(mask, copy=True)
 
         return override
 

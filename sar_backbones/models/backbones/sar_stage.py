@@ -5,8 +5,8 @@ import torch.nn as nn
 from mmcv.cnn import build_conv_layer, build_norm_layer
 from torch import Tensor
 
-from ..layers import (DepthwiseAvgPool2d, FusionGate, RegionSelector, ResidualBlock,
-                      expand_mask, grid_for_feature, sparse_refine_forward)
+from ..layers import (DepthwiseAvgPool2d, FusionGate, RegionSelector, RegionSelectors,
+                      ResidualBlock, expand_mask, grid_for_feature, sparse_refine_forward)
 
 MaskOverride = Callable[[Tensor, int], Tensor]
 
@@ -79,7 +79,7 @@ class SARStage(nn.Module):
         self.base_blocks = nn.ModuleList(
             block(in_channels if i == 0 else base_width, base_width, stride=2 if i == 0 else 1,
                   last_relu=alpha != 1 or i < depth - 1, **common) for i in range(depth))
-        self.selectors = nn.ModuleList(
+        self.selectors = RegionSelectors(
             RegionSelector(base_width, groups, norm_cfg) for _ in range(depth))
         self.refine_blocks = nn.ModuleList(
             block(in_channels if i == 0 else refine_width, refine_width, dilation=dilation,
@@ -114,11 +114,13 @@ class SARStage(nn.Module):
         grid = self.patch_grid_for(*size)
 
         x_base = x if self.base_pool is None else self.base_pool(x)
-        masks = []
-        for index, (base_block, selector) in enumerate(zip(self.base_blocks, self.selectors)):
+        base_features = []
+        for base_block in self.base_blocks:
             x_base = base_block(x_base)
-            mask = selector(x_base, grid, tau)
-            masks.append(mask if mask_override is None else mask_override(mask, index))
+            base_features.append(x_base)
+        masks = self.selectors(base_features, grid, tau)
+        if mask_override is not None:
+            masks = [mask_override(mask, index) for index, mask in enumerate(masks)]
 
         if sparse:
             x_refine = sparse_refine_forward(self.refine_blocks, x, masks)

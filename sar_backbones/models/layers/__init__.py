@@ -3,12 +3,12 @@ from .fusion import FusionGate
 from .masking import apply_group_mask, expand_mask, grid_for_feature, nearest_upsample
 from .memory_format import memory_format_of
 from .pooling import DepthwiseAvgPool2d
-from .region_selection import RegionSelector, straight_through_gumbel
+from .region_selection import RegionSelector, RegionSelectors, straight_through_gumbel
 from .sparse import sparse_refine_forward
 
 __all__ = [
     'BasicBlock', 'Bottleneck', 'ResidualBlock', 'fold_conv_norm', 'make_shortcut', 'FusionGate',
     'apply_group_mask', 'expand_mask', 'grid_for_feature', 'memory_format_of',
-    'nearest_upsample', 'DepthwiseAvgPool2d', 'RegionSelector',
+    'nearest_upsample', 'DepthwiseAvgPool2d', 'RegionSelector', 'RegionSelectors',
     'straight_through_gumbel', 'sparse_refine_forward'
 ]

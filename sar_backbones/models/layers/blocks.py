@@ -4,6 +4,7 @@ One block class per ResNet block type serves the base branch, the refine
 branch (grouped convolutions + patch masks), the stage transitions and the
 plain last stage: only the arguments differ.
 """
+import itertools
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -14,6 +15,26 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .masking import apply_group_mask
 from .pooling import DepthwiseAvgPool2d
+
+
+def weights_key(module: nn.Module) -> Tuple[Tuple[int, int], ...]:
+    """``(storage, version)`` of every parameter and buffer: changes with any weight.
+
+    Runs on every sparse forward, so it walks ``_parameters``/``_buffers``
+    directly (~5x cheaper than ``named_parameters()``). A replaced submodule or
+    tensor changes the storage, an in-place update the version. Inference
+    tensors (created under ``torch.inference_mode``) have no version counter;
+    their storage alone is the key.
+    """
+    key = []
+    pending = [module]
+    while pending:
+        current = pending.pop()
+        for tensor in itertools.chain(current._parameters.values(), current._buffers.values()):
+            if tensor is not None:
+                key.append((tensor.data_ptr(), -1 if tensor.is_inference() else tensor._version))
+        pending.extend(child for child in current._modules.values() if child is not None)
+    return tuple(key)
 
 
 class ConvSpec(NamedTuple):
@@ -157,11 +178,7 @@ class ResidualBlock(nn.Module):
         Only for stride-1 blocks (the refine branch), whose shortcut is either
         the identity (``None`` is returned) or a 1x1 conv + norm.
         """
-        tensors = [t for module in self.modules() for t in module.parameters(recurse=False)]
-        tensors += [t for module in self.modules() for t in module.buffers(recurse=False)]
-        # Inference tensors (weights created under torch.inference_mode) have no
-        # version counter; their storage identity is the key then.
-        key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
+        key = weights_key(self)
         if self._folded_cache is None or self._folded_cache[0] != key:
             if self.stride != 1:
                 raise ValueError('only stride-1 blocks run on gathered patches')

@@ -1,11 +1,16 @@
 """Region selection (paper Sec. III-A.2, Eq. 2 and Eq. 8-9)."""
-from typing import Optional, Tuple
+import weakref
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn.modules.module as torch_module
 from mmcv.cnn import build_norm_layer
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .blocks import fold_conv_norm, weights_key
 
 # Initial logits of {skip, keep}: keep wins by a wide margin, so that training
 # starts with every region selected (paper: "initialized to select the whole
@@ -115,3 +120,94 @@ class RegionSelector(nn.Module):
         if self.training:
             return straight_through_gumbel(keep, skip, tau, noise_scale=self.noise_scale)
         return (keep > skip).to(x.dtype)
+
+
+class _StackedSelectors(NamedTuple):
+    """The selectors of a stage as one pair of grouped convolutions (BN folded)."""
+    conv_weight: Tensor  # (N*4G, C/G, 3, 3), groups N*G
+    conv_bias: Tensor
+    fc_weight: Tensor    # (N*2G, 4, 1, 1), groups N*G
+    fc_bias: Tensor
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+class RegionSelectors(nn.ModuleList):
+    """The ``N`` region selectors of one SAR stage, one per masked block, called together.
+
+    A plain ``nn.ModuleList`` of :class:`RegionSelector` (same state-dict keys)
+    whose forward maps the ``N`` base-branch features to the ``N`` masks. In
+    training each selector samples on its own. At inference the selectors'
+    inputs all have the same size, so they are stacked along the channels and
+    run as one grouped convolution, one pooling and one FC with ``N*G``
+    groups: the same per-group arithmetic (BN folded), a third of the calls
+    of ``N`` small modules, which dominate at these sizes. That fast path
+    steps aside when it cannot reproduce the modules (a norm other than
+    BatchNorm) or would hide them (forward hooks on a selector or its layers,
+    e.g. a FLOPs counter).
+
+    Example:
+        >>> selectors = RegionSelectors(RegionSelector(64, groups=2) for _ in range(3)).eval()
+        >>> masks = selectors([torch.rand(1, 64, 14, 14)] * 3, grid=(7, 7), tau=1.0)
+        >>> len(masks), masks[0].shape
+        (3, torch.Size([1, 2, 7, 7]))
+    """
+
+    def forward(self, features: Sequence[Tensor], grid: Tuple[int, int],
+                tau: float) -> List[Tensor]:
+        """Masks ``(B, G, Kh, Kw)`` of every selector from its feature ``(B, C, h, w)``."""
+        if len(features) != len(self):
+            raise ValueError(f'{len(self)} region selectors got {len(features)} features')
+        if self.can_stack():
+            return self._stacked_forward(features, grid)
+        return [selector(feature, grid, tau) for selector, feature in zip(self, features)]
+
+    def can_stack(self) -> bool:
+        """Whether the forward runs the selectors stacked (see the class docstring)."""
+        if self.training or _global_hooks():
+            return False
+        return all(
+            not selector.training and isinstance(selector.norm, (_BatchNorm, nn.Identity))
+            and not any(_has_hooks(module) for module in selector.modules())
+            for selector in self)
+
+    def _stacked_weights(self) -> _StackedSelectors:
+        """BN-folded, concatenated weights, cached until a weight of a selector changes."""
+        cached = _stacked_cache.get(self)
+        key = weights_key(self)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            folded = [fold_conv_norm(selector.conv, selector.norm) for selector in self]
+            stacked = _StackedSelectors(
+                torch.cat([weight for weight, _ in folded]),
+                torch.cat([bias for _, bias in folded]),
+                torch.cat([selector.fc.weight for selector in self]),
+                torch.cat([selector.fc.bias for selector in self]))
+        _stacked_cache[self] = (key, stacked)
+        return stacked
+
+    def _stacked_forward(self, features: Sequence[Tensor], grid: Tuple[int, int]) -> List[Tensor]:
+        stacked = self._stacked_weights()
+        groups_per_selector = self[0].groups
+        groups = len(self) * groups_per_selector
+        x = torch.cat(list(features), dim=1)
+        dtype = x.dtype
+        hidden = F.conv2d(x, stacked.conv_weight.to(dtype), stacked.conv_bias.to(dtype),
+                          padding=1, groups=groups).relu_()
+        logits = F.conv2d(F.adaptive_avg_pool2d(hidden, grid), stacked.fc_weight.to(dtype),
+                          stacked.fc_bias.to(dtype), groups=groups)
+        skip, keep = logits.view(x.shape[0], len(self), groups_per_selector, 2,
+                                 *grid).unbind(dim=3)
+        return list((keep > skip).to(dtype).unbind(dim=1))
+
+
+_stacked_cache: 'weakref.WeakKeyDictionary' = weakref.WeakKeyDictionary()
+
+
+def _global_hooks() -> bool:
+    """Whether hooks for every module are registered (``register_module_forward_hook``)."""
+    return bool(getattr(torch_module, '_global_forward_hooks', None)
+                or getattr(torch_module, '_global_forward_pre_hooks', None))

@@ -205,6 +205,11 @@ def _group_convs(block: ResidualBlock, folded: List[FoldedConv],
     return result
 
 
+def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor.to(dtype)`` without a dispatcher round trip when it is a no-op (hot loop)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def conv1x1_rows(rows: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """A 1x1 convolution of pixel rows ``(M, C_in)`` -> ``(M, C_out)``.
 
@@ -217,7 +222,7 @@ def conv1x1_rows(rows: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor
     if rows.shape[0] == 0:
         return rows.new_empty(0, weight.shape[0])
     out = F.conv2d(rows.view(1, rows.shape[0], 1, rows.shape[1]).permute(0, 3, 1, 2),
-                   weight.to(rows.dtype), None if bias is None else bias.to(rows.dtype))
+                   _cast(weight, rows.dtype), None if bias is None else _cast(bias, rows.dtype))
     return out.permute(0, 2, 3, 1).reshape(rows.shape[0], -1)
 
 
@@ -244,8 +249,8 @@ def _run_group(convs: List[GroupConv], x_flat: Tensor, in_cols: slice, patches: 
             source, index_rows = (x_flat[:, in_cols], patches.x_window) if hidden is None \
                 else (compact, patches.compact_window)
             window = source.index_select(0, index_rows).view(n, *layout.window_shape, -1)
-            out = F.conv2d(window.permute(0, 3, 1, 2), conv.weight.to(x_flat.dtype),
-                           None if bias is None else bias.to(x_flat.dtype), dilation=conv.dilation)
+            out = F.conv2d(window.permute(0, 3, 1, 2), _cast(conv.weight, x_flat.dtype),
+                           None if bias is None else _cast(bias, x_flat.dtype), dilation=conv.dilation)
             out = out.permute(0, 2, 3, 1).reshape(rows, -1)
         if is_last:
             return out.add_(residual_base)
@@ -302,14 +307,14 @@ def sparse_block_forward(block: ResidualBlock, x_flat: Tensor, all_patches: List
     # gather-add-copy is exact and avoids the atomic adds of an accumulating
     # scatter, which contend badly across threads.
     for out_cols, write_core, updated in updates:
-        out[:, out_cols].index_copy_(0, write_core, updated.to(out.dtype))
+        out[:, out_cols].index_copy_(0, write_core, _cast(updated, out.dtype))
     # One pass over the map: b_last for the identity shortcut (every pixel,
     # the refined ones too: their last conv ran without bias), then the ReLU.
     pixels = out[:num_rows]
     if identity and block.last_relu:
-        add_relu_(pixels, folded[-1].bias.to(out.dtype))
+        add_relu_(pixels, _cast(folded[-1].bias, out.dtype))
     elif identity:
-        pixels += folded[-1].bias.to(out.dtype)
+        pixels += _cast(folded[-1].bias, out.dtype)
     elif block.last_relu:
         pixels.relu_()
     out[num_rows].zero_()
