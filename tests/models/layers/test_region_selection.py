@@ -74,3 +74,20 @@ def test_modules_run_one_by_one_when_stacking_cannot_stand_in():
     assert group_norm(features[:1], (4, 4), tau=1.0)[0].shape == (1, 2, 4, 4)
     with pytest.raises(ValueError, match='2 region selectors got 1 features'):
         selectors(features[:1], (4, 4), tau=1.0)
+
+
+def test_large_maps_are_not_copied_into_one_stack(monkeypatch):
+    from sar_backbones.models.layers import region_selection
+    selectors = _selectors(2, channels=8, groups=2, seed=1)
+    features = [torch.randn(1, 8, 8, 8) for _ in range(2)]
+    stacked_calls = []
+    original = RegionSelectors._stacked_forward
+    monkeypatch.setattr(RegionSelectors, '_stacked_forward',
+                        lambda self, *a: stacked_calls.append(1) or original(self, *a))
+    with torch.no_grad():
+        small = selectors(features, (4, 4), tau=1.0)
+        assert stacked_calls == [1]
+        monkeypatch.setattr(region_selection, '_STACK_MAX_BYTES', 2 * 8 * 8 * 8 * 4 - 1)
+        large = selectors(features, (4, 4), tau=1.0)
+    assert stacked_calls == [1]  # one byte over the limit: one selector at a time
+    assert all(torch.equal(a, b) for a, b in zip(small, large))
