@@ -594,7 +594,7 @@ def format_report(report: Dict[str, object]) -> str:
         '# SAR-ResNet latency benchmark\n',
         f"- machine: {meta['cpu_model']}, {meta['logical_cpus']} logical CPUs; torch "
         f"{meta['torch']}, torchvision {meta['torchvision']}, Python {meta['python']}",
-        f"- date: {meta['date']}",
+        f"- date: {meta['date']}; code: sar_backbones {meta.get('code', 'unknown')}",
         f"- command: `{meta['command']}`",
         f"- batch 1, float32, backbone only (stem + 4 stages, no head), "
         f"BN folding: {cfg['bn_fold']} (ratios are against resnet{{d}}"

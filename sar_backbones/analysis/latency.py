@@ -8,6 +8,7 @@ medians of the same run.
 """
 import contextlib
 import copy
+import os
 import platform
 import random
 import statistics
@@ -25,6 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.utils import _pair
 
 from ..models.backbones import SARResNet
+from ..version import __version__
 
 # ------------------------------------------------------------------ statistics
 
@@ -105,7 +107,6 @@ def machine_info() -> Dict[str, object]:
                 break
     except (OSError, subprocess.SubprocessError):
         pass
-    import os
     return {
         'cpu_model': model,
         'logical_cpus': os.cpu_count(),
@@ -120,7 +121,24 @@ def machine_info() -> Dict[str, object]:
                                            'MALLOC_TRIM_THRESHOLD_', 'LD_PRELOAD')
                 if k in os.environ},
         'torch_parallel_info': _parallel_backend(),
+        'code': code_version(),
     }
+
+
+def code_version() -> str:
+    """``sar_backbones`` version and, in a git checkout, its commit (``+dirty`` if modified)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        commit = subprocess.run(['git', '-C', root, 'rev-parse', '--short', 'HEAD'],
+                                capture_output=True, text=True, timeout=10)
+        status = subprocess.run(['git', '-C', root, 'status', '--porcelain', '--untracked-files=no'],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    if commit.returncode != 0:
+        return __version__
+    dirty = '+dirty' if status.stdout.strip() else ''
+    return f'{__version__} (commit {commit.stdout.strip()}{dirty})'
 
 
 def _parallel_backend() -> str:
