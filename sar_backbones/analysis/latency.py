@@ -126,12 +126,14 @@ def machine_info() -> Dict[str, object]:
 
 
 def code_version() -> str:
-    """``sar_backbones`` version and, in a git checkout, its commit (``+dirty`` if modified)."""
+    """``sar_backbones`` version and, in a git checkout, its commit (``+dirty`` if code is modified)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         commit = subprocess.run(['git', '-C', root, 'rev-parse', '--short', 'HEAD'],
                                 capture_output=True, text=True, timeout=10)
-        status = subprocess.run(['git', '-C', root, 'status', '--porcelain', '--untracked-files=no'],
+        # Only the code counts: benchmark results written into the checkout do not.
+        status = subprocess.run(['git', '-C', root, 'status', '--porcelain', '--untracked-files=no',
+                                 '--', 'sar_backbones', 'tools', 'configs'],
                                 capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return __version__
