@@ -126,7 +126,7 @@ def machine_info() -> Dict[str, object]:
 
 
 def code_version() -> str:
-    """``sar_backbones`` version and, in a git checkout, its commit (``+dirty`` if code is modified)."""
+    """``sar_backbones`` version and, in a git checkout, its commit (``+dirty``: code modified)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         commit = subprocess.run(['git', '-C', root, 'rev-parse', '--short', 'HEAD'],

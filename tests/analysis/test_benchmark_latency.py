@@ -99,7 +99,8 @@ def test_benchmark_tool_writes_documented_fields(tmp_path):
         '--per-stage-rates', '0.5', '--profile', '--out', str(out)])
     saved = json.loads(out.read_text())
     assert set(saved) >= {'meta', 'results', 'per_stage', 'profiles', 'checks'}
-    assert {'cpu_model', 'torch', 'logical_cpus', 'command', 'config', 'code'} <= set(saved['meta'])
+    assert {'cpu_model', 'torch', 'logical_cpus', 'command', 'config',
+            'code'} <= set(saved['meta'])
     assert saved['meta']['code'].startswith(sar_backbones.__version__)
     rows = saved['results']
     names = {r['model'] for r in rows}

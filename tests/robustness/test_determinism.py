@@ -86,7 +86,7 @@ def test_mask_override_is_reproducible_and_path_independent(model):
 
 
 def test_mask_override_follows_its_settings(model):
-    """The drawn masks are kept between calls, but only for the rate and seed they were drawn for."""
+    """Drawn masks are kept between calls, but only for the rate and seed they were drawn for."""
     x = torch.randn(1, 3, 64, 80)
     drawn = {}
     try:

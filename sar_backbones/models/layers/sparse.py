@@ -250,7 +250,8 @@ def _run_group(convs: List[GroupConv], x_flat: Tensor, in_cols: slice, patches: 
                 else (compact, patches.compact_window)
             window = source.index_select(0, index_rows).view(n, *layout.window_shape, -1)
             out = F.conv2d(window.permute(0, 3, 1, 2), _cast(conv.weight, x_flat.dtype),
-                           None if bias is None else _cast(bias, x_flat.dtype), dilation=conv.dilation)
+                           None if bias is None else _cast(bias, x_flat.dtype),
+                           dilation=conv.dilation)
             out = out.permute(0, 2, 3, 1).reshape(rows, -1)
         if is_last:
             return out.add_(residual_base)

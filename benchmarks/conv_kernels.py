@@ -1,0 +1,173 @@
+"""Throughput of the CPU kernels behind the convolutions of ResNet-50 and the sparse refine branch.
+
+``BENCHMARKS.md`` explains latency by kernel efficiency; this script measures
+it. Each shape is one convolution of SAR-ResNet50 G2s2a2b1 or ResNet-50 at
+224x224 (batch 1, channels-last inputs as in the sparse path; a sparse 1x1
+product is a ``(1, C, rows, 1)`` map of gathered pixels, a 3x3 conv runs on
+the gathered windows), timed through each kernel PyTorch offers:
+
+* ``default``: ``F.conv2d``, i.e. PyTorch's own choice (THNN's gemm for a
+  batch-1 stride-1 1x1 conv on one thread, oneDNN otherwise);
+* ``addmm``: ``torch.addmm`` on the pixel rows (the BLAS gemm, 1x1 only);
+* ``onednn``: ``aten::mkldnn_convolution`` (weights reordered on every call);
+* ``onednn-prepacked``: ``mkldnn._convolution_pointwise`` with the weights
+  reordered once and the ReLU fused, as a fused native kernel would run.
+
+Example:
+    python benchmarks/conv_kernels.py --threads 1 \\
+        --out benchmarks/results/conv_kernels_amd-epyc-2cpu.json
+"""
+import argparse
+import datetime
+import json
+import os.path as osp
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from sar_backbones.analysis.latency import machine_info, set_threads, summarize
+
+# (label, input shape (N, C, H, W), output channels, kernel size, padding)
+SHAPES = [
+    ('refine s1 conv1 rows (G=2)', (1, 128, 1568, 1), 32, 1, 0),
+    ('refine s1 conv3 rows (G=2)', (1, 32, 1568, 1), 128, 1, 0),
+    ('refine s2 conv1 rows (G=2)', (1, 256, 392, 1), 64, 1, 0),
+    ('refine s3 conv3 rows (G=2)', (1, 128, 98, 1), 512, 1, 0),
+    ('refine s2 shortcut rows', (1, 256, 786, 1), 512, 1, 0),
+    ('ResNet layer1 conv3', (1, 64, 56, 56), 256, 1, 0),
+    ('ResNet layer3 conv1', (1, 1024, 14, 14), 256, 1, 0),
+    ('ResNet layer4 conv3', (1, 512, 7, 7), 2048, 1, 0),
+    ('refine s1 conv2 windows (G=2)', (98, 32, 6, 6), 32, 3, 0),
+    ('refine s3 conv2 windows (G=2)', (2, 128, 9, 9), 128, 3, 0),
+    ('ResNet layer1 conv2', (1, 64, 56, 56), 64, 3, 1),
+    ('ResNet layer3 conv2', (1, 256, 14, 14), 256, 3, 1),
+]
+KERNELS = ('default', 'addmm', 'onednn', 'onednn-prepacked')
+
+
+def _kernel_fns(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                padding: int) -> Dict[str, Optional[Callable[[], torch.Tensor]]]:
+    pad = [padding, padding]
+    one = [1, 1]
+    fns: Dict[str, Optional[Callable[[], torch.Tensor]]] = {
+        'default': lambda: F.conv2d(x, weight, bias, padding=padding).relu_(),
+        'addmm': None,
+        'onednn': lambda: torch.ops.aten.mkldnn_convolution(x, weight, bias, pad, one, one,
+                                                            1).relu_(),
+        'onednn-prepacked': None,
+    }
+    if weight.shape[-1] == 1:
+        rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # a view: x is channels-last
+        matrix = weight.flatten(1).t()
+        fns['addmm'] = lambda: torch.addmm(bias, rows, matrix).relu_()
+    if hasattr(torch.ops.mkldnn, '_convolution_pointwise'):
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), pad, one, one, 1,
+                                                           list(x.shape))
+        fns['onednn-prepacked'] = lambda: torch.ops.mkldnn._convolution_pointwise(
+            x, packed, bias, pad, one, one, 1, 'relu', [], '')
+    return fns
+
+
+def _as_rows(out: torch.Tensor) -> torch.Tensor:
+    """Pixel-major ``(pixels, C)`` view of a conv output (``addmm`` already gives rows)."""
+    return out if out.dim() == 2 else out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
+
+
+def _time(fn: Callable[[], torch.Tensor], reps: int, warmup: int) -> List[float]:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def run(threads: int, reps: int, warmup: int, seed: int = 0) -> List[dict]:
+    """One row per shape: median ms and GMAC/s of every kernel, and their agreement."""
+    set_threads(threads)
+    torch.manual_seed(seed)
+    rows = []
+    with torch.inference_mode():
+        for label, shape, out_channels, kernel, padding in SHAPES:
+            x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+            weight = torch.randn(out_channels, shape[1], kernel, kernel).contiguous(
+                memory_format=torch.channels_last) / (shape[1] * kernel * kernel)**0.5
+            bias = torch.randn(out_channels)
+            out_height, out_width = (side + 2 * padding - kernel + 1 for side in shape[2:])
+            out_pixels = out_height * out_width
+            macs = shape[0] * out_pixels * out_channels * shape[1] * kernel * kernel
+            fns = _kernel_fns(x, weight, bias, padding)
+            reference = _as_rows(fns['default']())
+            row = {'shape': label, 'input': list(shape), 'out_channels': out_channels,
+                   'kernel': kernel, 'mmacs': macs / 1e6, 'kernels': {}}
+            for name in KERNELS:
+                fn = fns[name]
+                if fn is None:
+                    continue
+                error = float((_as_rows(fn()) - reference).abs().max())
+                ms = summarize(_time(fn, reps, warmup))['median_ms']
+                row['kernels'][name] = {'ms': ms, 'gmacs_per_s': macs / ms / 1e6,
+                                        'max_abs_diff_vs_default': error}
+            rows.append(row)
+    return rows
+
+
+def render(report: dict) -> str:
+    meta = report['meta']
+    lines = [
+        '# Convolution kernels: throughput per shape\n',
+        f"- machine: {meta['cpu_model']}, {meta['logical_cpus']} logical CPUs; torch "
+        f"{meta['torch']}; threads: {meta['threads']}",
+        f"- date: {meta['date']}; code: sar_backbones {meta['code']}",
+        f"- command: `{meta['command']}`",
+        '- batch 1, float32, channels-last inputs, bias + ReLU; median of '
+        f"{meta['reps']} calls after {meta['warmup']} warm-up calls; GMAC/s = MACs / median",
+        '',
+        '| shape | input | out | k | MMACs | ' + ' | '.join(f'{k} ms (GMAC/s)' for k in KERNELS)
+        + ' |',
+        '|---|---|---|---|---|' + '---|' * len(KERNELS),
+    ]
+    for row in report['rows']:
+        cells = []
+        for name in KERNELS:
+            result = row['kernels'].get(name)
+            cells.append('-' if result is None else
+                         f"{result['ms']:.3f} ({result['gmacs_per_s']:.0f})")
+        lines.append(f"| {row['shape']} | {'x'.join(map(str, row['input']))} | "
+                     f"{row['out_channels']} | {row['kernel']} | {row['mmacs']:.1f} | "
+                     + ' | '.join(cells) + ' |')
+    worst = max(result['max_abs_diff_vs_default'] for row in report['rows']
+                for result in row['kernels'].values())
+    lines += ['', f'All kernels agree with `default` to {worst:.1e} (max abs difference).', '']
+    return '\n'.join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--reps', type=int, default=200)
+    parser.add_argument('--warmup', type=int, default=20)
+    parser.add_argument('--out', required=True, help='JSON path; the markdown goes next to it')
+    args = parser.parse_args(argv)
+    rows = run(args.threads, args.reps, args.warmup)
+    meta = dict(machine_info(), threads=args.threads, reps=args.reps, warmup=args.warmup,
+                date=datetime.datetime.now().isoformat(timespec='seconds'),
+                command=' '.join(['python benchmarks/conv_kernels.py']
+                                 + (sys.argv[1:] if argv is None else list(argv))))
+    report = {'meta': meta, 'rows': rows}
+    with open(args.out, 'w') as f:
+        json.dump(report, f, indent=1)
+    markdown = render(report)
+    with open(osp.splitext(args.out)[0] + '.md', 'w') as f:
+        f.write(markdown)
+    print(markdown)
+    return report
+
+
+if __name__ == '__main__':
+    main()
