@@ -130,6 +130,17 @@ class _StackedSelectors(NamedTuple):
     fc_bias: Tensor
 
 
+# Stack the selectors' inputs only while the copy is cheap (see RegionSelectors).
+_STACK_MAX_BYTES = 2 * 2**20
+_stacked_cache: 'weakref.WeakKeyDictionary' = weakref.WeakKeyDictionary()
+
+
+def _global_hooks() -> bool:
+    """Whether hooks for every module are registered (``register_module_forward_hook``)."""
+    return bool(getattr(torch_module, '_global_forward_hooks', None)
+                or getattr(torch_module, '_global_forward_pre_hooks', None))
+
+
 def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
@@ -183,7 +194,9 @@ class RegionSelectors(nn.ModuleList):
         key = weights_key(self)
         if cached is not None and cached[0] == key:
             return cached[1]
-        with torch.no_grad():
+        # Normal tensors even when first called under inference_mode, so that an
+        # eval forward with autograd (e.g. saliency maps) can use them later.
+        with torch.inference_mode(False), torch.no_grad():
             folded = [fold_conv_norm(selector.conv, selector.norm) for selector in self]
             stacked = _StackedSelectors(
                 torch.cat([weight for weight, _ in folded]),
@@ -206,14 +219,3 @@ class RegionSelectors(nn.ModuleList):
         skip, keep = logits.view(x.shape[0], len(self), groups_per_selector, 2,
                                  *grid).unbind(dim=3)
         return list((keep > skip).to(dtype).unbind(dim=1))
-
-
-# Stack the selectors' inputs only while the copy is cheap (see RegionSelectors).
-_STACK_MAX_BYTES = 2 * 2**20
-_stacked_cache: 'weakref.WeakKeyDictionary' = weakref.WeakKeyDictionary()
-
-
-def _global_hooks() -> bool:
-    """Whether hooks for every module are registered (``register_module_forward_hook``)."""
-    return bool(getattr(torch_module, '_global_forward_hooks', None)
-                or getattr(torch_module, '_global_forward_pre_hooks', None))

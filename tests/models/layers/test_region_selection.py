@@ -91,3 +91,14 @@ def test_large_maps_are_not_copied_into_one_stack(monkeypatch):
         large = selectors(features, (4, 4), tau=1.0)
     assert stacked_calls == [1]  # one byte over the limit: one selector at a time
     assert all(torch.equal(a, b) for a, b in zip(small, large))
+
+
+def test_weights_stacked_under_inference_mode_serve_autograd_later():
+    """An eval forward with gradients (e.g. a saliency map) after one under inference_mode."""
+    selectors = _selectors(2, channels=8, groups=2, seed=2)
+    features = [torch.randn(1, 8, 8, 8) for _ in range(2)]
+    with torch.inference_mode():
+        expected = selectors(features, (4, 4), tau=1.0)
+    tracked = [feature.clone().requires_grad_(True) for feature in features]
+    masks = selectors(tracked, (4, 4), tau=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(masks, expected))
