@@ -156,9 +156,9 @@ class RegionSelectors(nn.ModuleList):
     groups: the same per-group arithmetic (BN folded), one call per layer
     instead of ``N``, whose fixed costs dominate on small maps (the selectors
     of SAR-ResNet50 at 224x224: 1.45 -> 1.13 ms on one core). On large maps
-    the copy into one stacked input costs more than the calls it saves
-    (800x1216: 14.7 -> 29 ms), so only inputs of up to 2 MiB in all are
-    stacked. The fast path also steps aside when it cannot reproduce the
+    the pass over a freshly copied stacked input costs more than the calls
+    it saves (800x1216: 29 ms against 14.7), so only inputs of up to 2 MiB
+    in all are stacked. The fast path also steps aside when it cannot reproduce the
     modules (a norm other than BatchNorm) or would hide them (forward hooks
     on a selector or its layers, e.g. a FLOPs counter).
 
