@@ -22,13 +22,14 @@ import datetime
 import json
 import os.path as osp
 import sys
-import time
+from collections import OrderedDict
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from sar_backbones.analysis.latency import machine_info, set_threads, summarize
+from sar_backbones.analysis.latency import (interleaved_timing, machine_info, set_threads,
+                                            summarize)
 
 # (label, input shape (N, C, H, W), output channels, kernel size, padding)
 SHAPES = [
@@ -76,17 +77,6 @@ def _as_rows(out: torch.Tensor) -> torch.Tensor:
     return out if out.dim() == 2 else out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
 
 
-def _time(fn: Callable[[], torch.Tensor], reps: int, warmup: int) -> List[float]:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return samples
-
-
 def run(threads: int, reps: int, warmup: int, seed: int = 0) -> List[dict]:
     """One row per shape: median ms and GMAC/s of every kernel, and their agreement."""
     set_threads(threads)
@@ -101,18 +91,19 @@ def run(threads: int, reps: int, warmup: int, seed: int = 0) -> List[dict]:
             out_height, out_width = (side + 2 * padding - kernel + 1 for side in shape[2:])
             out_pixels = out_height * out_width
             macs = shape[0] * out_pixels * out_channels * shape[1] * kernel * kernel
-            fns = _kernel_fns(x, weight, bias, padding)
+            available = _kernel_fns(x, weight, bias, padding).items()
+            fns = OrderedDict((name, fn) for name, fn in available if fn is not None)
             reference = _as_rows(fns['default']())
+            errors = {name: float((_as_rows(fn()) - reference).abs().max())
+                      for name, fn in fns.items()}
+            # The kernels of a shape in interleaved shuffled rounds, as benchmark_latency does.
+            samples = interleaved_timing(fns, reps, warmup, seed=seed)
             row = {'shape': label, 'input': list(shape), 'out_channels': out_channels,
                    'kernel': kernel, 'mmacs': macs / 1e6, 'kernels': {}}
-            for name in KERNELS:
-                fn = fns[name]
-                if fn is None:
-                    continue
-                error = float((_as_rows(fn()) - reference).abs().max())
-                ms = summarize(_time(fn, reps, warmup))['median_ms']
+            for name in fns:
+                ms = summarize(samples[name])['median_ms']
                 row['kernels'][name] = {'ms': ms, 'gmacs_per_s': macs / ms / 1e6,
-                                        'max_abs_diff_vs_default': error}
+                                        'max_abs_diff_vs_default': errors[name]}
             rows.append(row)
     return rows
 
@@ -125,8 +116,9 @@ def render(report: dict) -> str:
         f"{meta['torch']}; threads: {meta['threads']}",
         f"- date: {meta['date']}; code: sar_backbones {meta['code']}",
         f"- command: `{meta['command']}`",
-        '- batch 1, float32, channels-last inputs, bias + ReLU; median of '
-        f"{meta['reps']} calls after {meta['warmup']} warm-up calls; GMAC/s = MACs / median",
+        '- batch 1, float32, channels-last inputs, bias + ReLU; the kernels of a shape in '
+        f"{meta['reps']} interleaved shuffled rounds after {meta['warmup']} warm-up rounds; "
+        'median per kernel; GMAC/s = MACs / median',
         '',
         '| shape | input | out | k | MMACs | ' + ' | '.join(f'{k} ms (GMAC/s)' for k in KERNELS)
         + ' |',

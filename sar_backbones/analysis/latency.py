@@ -494,7 +494,6 @@ def conv_backend(name: str):
 
 def set_threads(threads: int) -> int:
     """``torch.set_num_threads``; 0 means all logical CPUs. Returns the count set."""
-    import os
     count = threads if threads > 0 else (os.cpu_count() or 1)
     torch.set_num_threads(count)
     return count
