@@ -47,7 +47,7 @@ class LatencyConfig:
     depths: Sequence[int] = (18, 34, 50)
     sizes: Sequence[Tuple[int, int]] = ((224, 224), (800, 1216))
     threads: Sequence[int] = (1, 0)  # 0: all logical CPUs
-    rates: Sequence[float] = (0.2, 0.35, 0.5, 0.65, 0.8, 1.0)
+    rates: Sequence[float] = (0.0, 0.2, 0.35, 0.5, 0.65, 0.8, 1.0)  # 0: the floor
     variant: Tuple[int, int, int, float] = (2, 2, 2, 1)  # G, s, alpha, beta
     reps: int = 20
     warmup: int = 3
@@ -304,6 +304,7 @@ def _run_latency_benchmark(cfg: LatencyConfig, log: Callable[[str], None]) -> Di
     report = dict(meta=meta, results=results, per_stage=per_stage, profiles=profiles,
                   checks=checks, reference=f'resnet{{depth}}{ref_suffix}')
     report['targets'] = target_summary(report)
+    report['headroom'] = target_headroom(report)
     return report
 
 
@@ -373,24 +374,29 @@ TARGETS = (
 )
 
 
+def _target_threads(target: dict, threads_seen: Sequence[int]) -> List[int]:
+    """The thread counts of a run that a target applies to."""
+    if target['threads'] == 'one':
+        return [1] if 1 in threads_seen else []
+    if target['threads'] == 'all':
+        return [max(threads_seen)] if threads_seen and max(threads_seen) > 1 else []
+    return list(threads_seen)
+
+
+def _find_row(rows: Sequence[dict], **fields) -> Optional[dict]:
+    return next((r for r in rows if all(r.get(k) == v for k, v in fields.items())), None)
+
+
 def target_summary(report: Dict[str, object], depth: int = 50, rate: float = 0.5) -> List[dict]:
     """Issue 7's targets against the measured rows (wall-clock medians; CPU-time ratio too)."""
     rows = [r for r in report['results'] if r['depth'] == depth]
     threads_seen = sorted({r['threads'] for r in rows})
     out = []
     for target in TARGETS:
-        if target['threads'] == 'one':
-            thread_list = [1] if 1 in threads_seen else []
-        elif target['threads'] == 'all':
-            thread_list = [max(threads_seen)] if threads_seen and max(threads_seen) > 1 else []
-        else:
-            thread_list = threads_seen
-        for threads in thread_list:
-            sparse = [r for r in rows if r['size'] == target['size'] and r['threads'] == threads
-                      and r['mode'] == 'sparse' and r['rate'] == rate]
-            if not sparse:
+        for threads in _target_threads(target, threads_seen):
+            row = _find_row(rows, size=target['size'], threads=threads, mode='sparse', rate=rate)
+            if row is None:
                 continue
-            row = sparse[0]
             if target['kind'] == 'ratio':
                 value, cpu = row['ratio_vs_resnet'], row['cpu_ratio_vs_resnet']
                 met = value <= target['limit']
@@ -398,8 +404,8 @@ def target_summary(report: Dict[str, object], depth: int = 50, rate: float = 0.5
                 if 'speedup_vs_dense' not in row:
                     continue
                 value = row['speedup_vs_dense']
-                dense = next(r for r in rows if r['model'] == row['model'].replace('sparse', 'dense')
-                             and r['size'] == row['size'] and r['threads'] == threads)
+                dense = _find_row(rows, size=target['size'], threads=threads, mode='dense',
+                                  rate=rate)
                 cpu = dense['cpu_median_ms'] / row['cpu_median_ms']
                 met = value >= target['limit']
             out.append(dict(target=target['name'], threads=threads, limit=target['limit'],
@@ -421,6 +427,51 @@ def target_summary(report: Dict[str, object], depth: int = 50, rate: float = 0.5
                                 measured=f'{sum(s > 0 for s in steps)}/{len(steps)} steps up',
                                 cpu_time_measure=None, met=all(s > 0 for s in steps),
                                 sweep_ms={f'{r:.2f}': round(m, 2) for r, m in sweep}))
+    return out
+
+
+def target_headroom(report: Dict[str, object], depth: int = 50, rate: float = 0.5,
+                    floor_rate: float = 0.0) -> List[dict]:
+    """What each latency target leaves for the patch work, given the rate-0 floor.
+
+    At rate 0 the sparse model refines no patch but runs everything else: the
+    stem, base branches, region selectors, the refine branch's dense 1x1
+    shortcuts and residual passes, the fusion and stage 4. The target's limit
+    minus this floor is the time the patch work of ``rate`` may take; its MACs
+    (paper convention, ``rate`` minus the floor) over that time are the
+    throughput it would need, set beside the throughput it gets and ResNet's
+    own average (its MACs over its median). A floor above the limit means no
+    implementation of the patch work can meet the target.
+
+    Needs sparse rows at ``floor_rate`` and ``rate`` (``--rates 0 ... 0.5``).
+    """
+    rows = [r for r in report['results'] if r['depth'] == depth]
+    threads_seen = sorted({r['threads'] for r in rows})
+    out = []
+    for target in TARGETS:
+        for threads in _target_threads(target, threads_seen):
+            where = dict(size=target['size'], threads=threads)
+            sparse = _find_row(rows, mode='sparse', rate=rate, **where)
+            floor = _find_row(rows, mode='sparse', rate=floor_rate, **where)
+            dense = _find_row(rows, mode='dense', rate=rate, **where)
+            if sparse is None or floor is None or (target['kind'] == 'speedup' and dense is None):
+                continue
+            resnet_ms = sparse['median_ms'] / sparse['ratio_vs_resnet']
+            resnet_macs = sparse['flops'] / sparse['flops_ratio']
+            limit_ms = (target['limit'] * resnet_ms if target['kind'] == 'ratio'
+                        else dense['median_ms'] / target['limit'])
+            patch_macs = sparse['flops'] - floor['flops']
+            budget_ms = limit_ms - floor['median_ms']
+            spent_ms = sparse['median_ms'] - floor['median_ms']
+            entry = dict(target=target['name'], threads=threads, limit_ms=limit_ms,
+                         floor_ms=floor['median_ms'], floor_ratio=floor['ratio_vs_resnet'],
+                         patch_mmacs=patch_macs / 1e6, budget_ms=budget_ms, spent_ms=spent_ms,
+                         resnet_gmacs=resnet_macs / resnet_ms / 1e6,
+                         spent_gmacs=patch_macs / spent_ms / 1e6 if spent_ms > 0 else None,
+                         needed_gmacs=patch_macs / budget_ms / 1e6 if budget_ms > 0 else None)
+            entry['needed_vs_resnet'] = (None if entry['needed_gmacs'] is None
+                                         else entry['needed_gmacs'] / entry['resnet_gmacs'])
+            out.append(entry)
     return out
 
 
@@ -470,6 +521,26 @@ def format_targets(summary: Sequence[dict]) -> str:
                                                 else f">= {t['limit']}")
         lines.append(f"| {t['target']} | {t['threads']} | {limit} | {measured} | {cpu} | "
                      f"{'yes' if t['met'] else 'no'} |")
+    return '\n'.join(lines) + '\n'
+
+
+def _num(value: Optional[float], digits: int = 1) -> str:
+    return '-' if value is None else f'{value:.{digits}f}'
+
+
+def format_headroom(entries: Sequence[dict]) -> str:
+    lines = ['| target | threads | floor (rate 0) ms / vs ResNet | limit ms | left for the patch '
+             'work ms | patch work now ms | patch MMACs | GMAC/s needed | GMAC/s now | '
+             "ResNet's GMAC/s | needed / ResNet's |",
+             '|---|---|---|---|---|---|---|---|---|---|---|']
+    for e in entries:
+        verdict = ('floor above the limit' if e['needed_vs_resnet'] is None
+                   else f"{e['needed_vs_resnet']:.2f}x")
+        lines.append(
+            f"| {e['target']} | {e['threads']} | {e['floor_ms']:.1f} / {e['floor_ratio']:.3f} | "
+            f"{e['limit_ms']:.1f} | {e['budget_ms']:.1f} | {e['spent_ms']:.1f} | "
+            f"{e['patch_mmacs']:.0f} | {_num(e['needed_gmacs'])} | {_num(e['spent_gmacs'])} | "
+            f"{e['resnet_gmacs']:.1f} | {verdict} |")
     return '\n'.join(lines) + '\n'
 
 
@@ -628,6 +699,16 @@ def format_report(report: Dict[str, object]) -> str:
     if summary:
         lines.append('## Issue 7 targets (SAR-ResNet50 G2s2a2b1 at rate 0.5; rate sweeps)\n')
         lines.append(format_targets(summary))
+    headroom = target_headroom(report)
+    if headroom:
+        lines.append('### What the targets leave for the patch work\n')
+        lines.append('The floor is the sparse model at rate 0 (no patch refined: everything but '
+                     'the patch work); the patch work at 0.5 may take the limit minus the floor. '
+                     "GMAC/s: the patch work's paper-convention MACs (rate 0.5 minus rate 0) per "
+                     "second, needed and measured, beside ResNet-50's whole-network average. "
+                     'Only a target whose floor is below its limit can be met by a faster '
+                     'sparse path.\n')
+        lines.append(format_headroom(headroom))
     results = report['results']
     keys = []
     for r in results:

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import sar_backbones
 from sar_backbones.analysis import model_complexity
+from sar_backbones.analysis.benchmark import format_headroom, target_headroom
 from sar_backbones.analysis.latency import (PartTimer, build_resnet_backbone, conv_backend,
                                             fold_batchnorm,
                                             group_parts, interleaved_timing, max_relative_error,
@@ -94,22 +95,27 @@ def test_part_timer_covers_the_forward():
 def test_benchmark_tool_writes_documented_fields(tmp_path):
     out = tmp_path / 'latency_test.json'
     report = benchmark_latency.main([
-        '--depths', '18', '--sizes', '64x64', '--threads', '1', '--rates', '0.5', '1.0',
+        '--depths', '18', '--sizes', '64x64', '--threads', '1', '--rates', '0', '0.5', '1.0',
         '--reps', '2', '--warmup', '1', '--per-stage', '--per-stage-reps', '1',
         '--per-stage-rates', '0.5', '--profile', '--out', str(out)])
     saved = json.loads(out.read_text())
-    assert set(saved) >= {'meta', 'results', 'per_stage', 'profiles', 'checks'}
+    assert set(saved) >= {'meta', 'results', 'per_stage', 'profiles', 'checks', 'targets',
+                          'headroom'}
     assert {'cpu_model', 'torch', 'logical_cpus', 'command', 'config',
             'code'} <= set(saved['meta'])
     assert saved['meta']['code'].startswith(sar_backbones.__version__)
     rows = saved['results']
     names = {r['model'] for r in rows}
-    assert names == {'resnet18', 'resnet18+fold', 'sar18-dense@0.50', 'sar18-sparse@0.50',
-                     'sar18-dense@1.00', 'sar18-sparse@1.00'}
+    assert names == {'resnet18', 'resnet18+fold', 'sar18-dense@0.00', 'sar18-sparse@0.00',
+                     'sar18-dense@0.50', 'sar18-sparse@0.50', 'sar18-dense@1.00',
+                     'sar18-sparse@1.00'}
     for row in rows:
         assert ROW_FIELDS <= set(row), sorted(ROW_FIELDS - set(row))
     sparse = next(r for r in rows if r['model'] == 'sar18-sparse@0.50')
     assert 'speedup_vs_dense' in sparse and 0 < sparse['flops_ratio'] < 1
+    # rate 0 refines nothing: the static FLOPs alone
+    floor = next(r for r in rows if r['model'] == 'sar18-sparse@0.00')
+    assert floor['activation_rate'] == 0 and floor['flops'] < sparse['flops']
     assert next(r for r in rows if r['model'] == 'resnet18+fold')['ratio_vs_resnet'] == 1.0
     assert saved['checks'][0]['max_rel_error'] < 1e-4
     assert {e['case'] for e in saved['per_stage']} == {'resnet18+fold', 'sar18-dense@0.50',
@@ -134,6 +140,46 @@ def test_benchmark_tool_writes_documented_fields(tmp_path):
     (tmp_path / 'latency_test.md').unlink()
     benchmark_latency.main(['--render', str(out)])
     assert (tmp_path / 'latency_test.md').read_text() == markdown
+
+
+def _timing_row(mode, rate, threads, median_ms, flops, resnet_ms, resnet_macs):
+    return dict(depth=50, size='224x224', threads=threads, mode=mode, rate=rate,
+                median_ms=median_ms, ratio_vs_resnet=median_ms / resnet_ms, flops=flops,
+                flops_ratio=flops / resnet_macs)
+
+
+def test_target_headroom_from_the_rate0_floor():
+    resnet_macs = 4.0e9
+    rows = []
+    # 1 thread: ResNet 100 ms (40 GMAC/s), floor 70 ms, rate 0.5 90 ms for 0.8 GMACs more
+    # 2 threads: ResNet 30 ms, floor 25 ms: above the 0.80 limit (24 ms)
+    for threads, resnet_ms, floor_ms, sparse_ms, dense_ms in ((1, 100., 70., 90., 99.),
+                                                              (2, 30., 25., 28., 29.)):
+        for mode, rate, ms, flops in (('sparse', 0.0, floor_ms, 1.6e9),
+                                      ('sparse', 0.5, sparse_ms, 2.4e9),
+                                      ('dense', 0.5, dense_ms, 2.4e9)):
+            rows.append(_timing_row(mode, rate, threads, ms, flops, resnet_ms, resnet_macs))
+    entries = {(e['target'], e['threads']): e for e in target_headroom(dict(results=rows))}
+
+    one = entries[('224x224, 1 thread: sparse SAR-R50 @0.5 / ResNet-50', 1)]
+    assert one['limit_ms'] == pytest.approx(80.0)
+    assert one['budget_ms'] == pytest.approx(10.0) and one['spent_ms'] == pytest.approx(20.0)
+    assert one['patch_mmacs'] == pytest.approx(800.0)
+    assert one['resnet_gmacs'] == pytest.approx(40.0)
+    assert one['needed_gmacs'] == pytest.approx(80.0) and one['spent_gmacs'] == pytest.approx(40.0)
+    assert one['needed_vs_resnet'] == pytest.approx(2.0)
+    speedup = entries[('224x224: sparse speed-up over dense-masked @0.5', 1)]
+    assert speedup['limit_ms'] == pytest.approx(99.0 / 1.2)
+    assert speedup['needed_gmacs'] == pytest.approx(800.0 / (99.0 / 1.2 - 70.0))  # MMACs/ms
+
+    two = entries[('224x224, all threads: sparse SAR-R50 @0.5 / ResNet-50', 2)]
+    assert two['floor_ratio'] == pytest.approx(25 / 30)
+    assert two['budget_ms'] == pytest.approx(-1.0)
+    assert two['needed_gmacs'] is None and two['needed_vs_resnet'] is None
+    table = format_headroom(list(entries.values()))
+    assert 'floor above the limit' in table and '2.00x' in table
+    # without the floor row there is nothing to say
+    assert target_headroom(dict(results=[r for r in rows if r['rate'] != 0.0])) == []
 
 
 def test_benchmark_tool_learned_masks_from_a_checkpoint(tmp_path, tiny_imagenet):

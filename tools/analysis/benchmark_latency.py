@@ -36,7 +36,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--depths', type=int, nargs='+', default=[18, 34, 50])
     p.add_argument('--sizes', nargs='+', default=['224x224', '800x1216'], help='HxW or H')
     p.add_argument('--threads', type=int, nargs='+', default=[1, 0], help='0 = all logical CPUs')
-    p.add_argument('--rates', type=float, nargs='+', default=[0.2, 0.35, 0.5, 0.65, 0.8, 1.0])
+    p.add_argument('--rates', type=float, nargs='+',
+                   default=[0.0, 0.2, 0.35, 0.5, 0.65, 0.8, 1.0],
+                   help='activation rates of the random masks; 0 measures the floor (no patch '
+                        'refined) that the target headroom table needs')
     p.add_argument('--variant', default='g2s2a2b1', help='SAR variant besides depth, e.g. g2s2a2b1')
     p.add_argument('--reps', type=int, default=20, help='timed rounds per case')
     p.add_argument('--reps-large', type=int, default=None,
