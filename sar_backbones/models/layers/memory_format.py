@@ -1,11 +1,20 @@
 """Memory-format helpers: which layout a map has, and fast NCHW <-> NHWC copies.
 
-On the CPU PyTorch copies a 2-D transpose about three times faster than a
-4-D permutation (``(256, 56*56)``: ~0.35 vs ~1.2 ms on one core), so layout
-changes go image by image through 2-D views.
+PyTorch copies a layout change in one of two ways: a 2-D transpose
+(``(C, H*W)`` -> ``(H*W, C)`` or back, image by image) takes its
+cache-blocked kernel, which runs on one thread; a 4-D permutation takes the
+generic strided copy, which runs on all intra-op threads.
+``benchmarks/layout_copy.py`` measures both on the sparse path's maps: NHWC
+-> NCHW is 2-8x faster blocked on one or two threads (2-core AMD EPYC) but up
+to 4x slower than the strided copy on 16 threads (16-core Xeon); NCHW -> NHWC
+is faster strided on every thread count measured.
 """
 import torch
 from torch import Tensor
+
+# Up to this intra-op thread count the serial blocked transpose is the faster
+# NHWC -> NCHW copy on the CPU.
+BLOCKED_TO_NCHW_MAX_THREADS = 2
 
 
 def memory_format_of(x: Tensor) -> torch.memory_format:
@@ -18,20 +27,22 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
 def copy_to_rows_(rows: Tensor, x: Tensor) -> Tensor:
     """Write ``x`` ``(B, C, H, W)`` into ``rows`` ``(B*H*W, C)`` (pixel-major, channels-last)."""
     batch, channels, height, width = x.shape
-    if memory_format_of(x) == torch.channels_last or not x.is_contiguous():
-        rows.view(batch, height, width, channels).copy_(x.permute(0, 2, 3, 1))
-        return rows
-    pixels = height * width
-    for image in range(batch):
-        rows[image * pixels:(image + 1) * pixels].copy_(x[image].view(channels, pixels).t())
+    rows.view(batch, height, width, channels).copy_(x.permute(0, 2, 3, 1))
     return rows
 
 
-def rows_to_nchw(x: Tensor) -> Tensor:
-    """A contiguous (NCHW) copy of an NHWC-strided ``(B, C, H, W)`` tensor (differentiable)."""
+def nchw_copy_blocked(x: Tensor) -> Tensor:
+    """:func:`rows_to_nchw` as 2-D transposes, image by image."""
     batch, channels, height, width = x.shape
     out = x.new_empty(x.shape)
     for image in range(batch):
         pixels = x[image].permute(1, 2, 0).reshape(height * width, channels)
         out[image].view(channels, height * width).copy_(pixels.t())
     return out
+
+
+def rows_to_nchw(x: Tensor) -> Tensor:
+    """A contiguous (NCHW) copy of an NHWC-strided ``(B, C, H, W)`` tensor (differentiable)."""
+    if x.device.type == 'cpu' and torch.get_num_threads() <= BLOCKED_TO_NCHW_MAX_THREADS:
+        return nchw_copy_blocked(x)
+    return x.contiguous()

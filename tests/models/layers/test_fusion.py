@@ -51,11 +51,19 @@ def test_fusion_gate_gradients_match_reference(low_format, high_format):
         assert torch.allclose(grad, expected_grad, atol=1e-5)
 
 
+# back to NCHW: blocked 2-D transposes on 1 and 2 threads, the strided copy on 4
+# (memory_format.BLOCKED_TO_NCHW_MAX_THREADS)
+@pytest.mark.parametrize('threads', [1, 2, 4])
 @pytest.mark.parametrize('memory_format', [NCHW, NHWC])
-def test_row_layout_round_trip(memory_format):
+def test_row_layout_round_trip(memory_format, threads):
+    torch.set_num_threads(threads)  # restored by the one_thread fixture
     x = torch.randn(3, 5, 4, 7).contiguous(memory_format=memory_format)
     rows = copy_to_rows_(torch.empty(3 * 4 * 7, 5), x)
     assert torch.equal(rows, x.permute(0, 2, 3, 1).reshape(-1, 5))
     nhwc = rows.view(3, 4, 7, 5).permute(0, 3, 1, 2)
     back = rows_to_nchw(nhwc)
     assert back.is_contiguous() and torch.equal(back, x)
+    # differentiable
+    leaf = nhwc.clone().requires_grad_()
+    rows_to_nchw(leaf).mul(torch.arange(5.).view(1, 5, 1, 1)).sum().backward()
+    assert torch.equal(leaf.grad, torch.arange(5.).view(1, 5, 1, 1).expand_as(leaf))
