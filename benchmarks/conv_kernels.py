@@ -18,18 +18,14 @@ Example:
         --out benchmarks/results/conv_kernels_amd-epyc-2cpu.json
 """
 import argparse
-import datetime
-import json
-import os.path as osp
-import sys
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from sar_backbones.analysis.latency import (interleaved_timing, machine_info, set_threads,
-                                            summarize)
+from sar_backbones.analysis.latency import (interleaved_timing, save_script_report,
+                                            script_report_header, set_threads, summarize)
 
 # (label, input shape (N, C, H, W), output channels, kernel size, padding)
 SHAPES = [
@@ -110,12 +106,8 @@ def run(threads: int, reps: int, warmup: int, seed: int = 0) -> List[dict]:
 
 def render(report: dict) -> str:
     meta = report['meta']
-    lines = [
-        '# Convolution kernels: throughput per shape\n',
-        f"- machine: {meta['cpu_model']}, {meta['logical_cpus']} logical CPUs; torch "
-        f"{meta['torch']}; threads: {meta['threads']}",
-        f"- date: {meta['date']}; code: sar_backbones {meta['code']}",
-        f"- command: `{meta['command']}`",
+    lines = script_report_header(meta, 'Convolution kernels: throughput per shape',
+                                 f"; threads: {meta['threads']}") + [
         '- batch 1, float32, channels-last inputs, bias + ReLU; the kernels of a shape in '
         f"{meta['reps']} interleaved shuffled rounds after {meta['warmup']} warm-up rounds; "
         'median per kernel; GMAC/s = MACs / median',
@@ -147,18 +139,8 @@ def main(argv=None) -> dict:
     parser.add_argument('--out', required=True, help='JSON path; the markdown goes next to it')
     args = parser.parse_args(argv)
     rows = run(args.threads, args.reps, args.warmup)
-    meta = dict(machine_info(), threads=args.threads, reps=args.reps, warmup=args.warmup,
-                date=datetime.datetime.now().isoformat(timespec='seconds'),
-                command=' '.join(['python benchmarks/conv_kernels.py']
-                                 + (sys.argv[1:] if argv is None else list(argv))))
-    report = {'meta': meta, 'rows': rows}
-    with open(args.out, 'w') as f:
-        json.dump(report, f, indent=1)
-    markdown = render(report)
-    with open(osp.splitext(args.out)[0] + '.md', 'w') as f:
-        f.write(markdown)
-    print(markdown)
-    return report
+    return save_script_report('benchmarks/conv_kernels.py', argv, args.out, rows, render,
+                              threads=args.threads, reps=args.reps, warmup=args.warmup)
 
 
 if __name__ == '__main__':

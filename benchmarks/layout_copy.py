@@ -22,17 +22,13 @@ Example:
         --out benchmarks/results/layout_copy_amd-epyc-2cpu.json
 """
 import argparse
-import datetime
-import json
-import os.path as osp
-import sys
 from collections import OrderedDict
 from typing import Callable, List
 
 import torch
 
-from sar_backbones.analysis.latency import (interleaved_timing, machine_info, set_threads,
-                                            summarize)
+from sar_backbones.analysis.latency import (interleaved_timing, save_script_report,
+                                            script_report_header, set_threads, summarize)
 from sar_backbones.models.layers import memory_format
 
 # (direction, (C, H, W)): refine outputs back to NCHW, stage inputs into rows.
@@ -85,12 +81,8 @@ def run(threads: List[int], reps: int, warmup: int) -> List[dict]:
 
 def render(report: dict) -> str:
     meta = report['meta']
-    lines = [
-        '# NCHW <-> NHWC copies: blocked 2-D transpose vs strided copy\n',
-        f"- machine: {meta['cpu_model']}, {meta['logical_cpus']} logical CPUs; torch "
-        f"{meta['torch']}",
-        f"- date: {meta['date']}; code: sar_backbones {meta['code']}",
-        f"- command: `{meta['command']}`",
+    title = 'NCHW <-> NHWC copies: blocked 2-D transpose vs strided copy'
+    lines = script_report_header(meta, title) + [
         f"- float32, batch 1, fresh output per call; {meta['reps']} interleaved rounds after "
         f"{meta['warmup']} warm-up rounds, median; GB/s counts bytes read + written; "
         "'picked': the kernel sar_backbones uses at that thread count",
@@ -119,18 +111,8 @@ def main(argv=None) -> dict:
     parser.add_argument('--out', required=True, help='JSON path; the markdown goes next to it')
     args = parser.parse_args(argv)
     rows = run(args.threads, args.reps, args.warmup)
-    meta = dict(machine_info(), reps=args.reps, warmup=args.warmup,
-                date=datetime.datetime.now().isoformat(timespec='seconds'),
-                command=' '.join(['python benchmarks/layout_copy.py']
-                                 + (sys.argv[1:] if argv is None else list(argv))))
-    report = {'meta': meta, 'rows': rows}
-    with open(args.out, 'w') as f:
-        json.dump(report, f, indent=1)
-    markdown = render(report)
-    with open(osp.splitext(args.out)[0] + '.md', 'w') as f:
-        f.write(markdown)
-    print(markdown)
-    return report
+    return save_script_report('benchmarks/layout_copy.py', argv, args.out, rows, render,
+                              reps=args.reps, warmup=args.warmup)
 
 
 if __name__ == '__main__':

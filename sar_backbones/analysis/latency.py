@@ -8,11 +8,14 @@ medians of the same run.
 """
 import contextlib
 import copy
+import datetime
+import json
 import os
 import platform
 import random
 import statistics
 import subprocess
+import sys
 import time
 from collections import OrderedDict, defaultdict
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -123,6 +126,44 @@ def machine_info() -> Dict[str, object]:
         'torch_parallel_info': _parallel_backend(),
         'code': code_version(),
     }
+
+
+def save_script_report(script: str, argv: Optional[Sequence[str]], out: str, rows: list,
+                       render: Callable[[dict], str], **settings) -> dict:
+    """Save a benchmark script's ``{'meta', 'rows'}`` report as JSON and markdown; print the markdown.
+
+    Args:
+        script (str): The script's path in the repository, for the recorded command.
+        argv (Sequence[str], optional): Its arguments (None: ``sys.argv[1:]``).
+        out (str): JSON path; the markdown goes next to it (``.md``).
+        rows (list): The measured rows.
+        render (Callable): Report -> markdown.
+        **settings: Run settings recorded in ``meta`` next to :func:`machine_info`.
+
+    Returns:
+        dict: The report.
+    """
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    meta = dict(machine_info(), **settings,
+                date=datetime.datetime.now().isoformat(timespec='seconds'),
+                command=' '.join([f'python {script}'] + arguments))
+    report = {'meta': meta, 'rows': rows}
+    with open(out, 'w') as f:
+        json.dump(report, f, indent=1)
+    markdown = render(report)
+    with open(os.path.splitext(out)[0] + '.md', 'w') as f:
+        f.write(markdown)
+    print(markdown)
+    return report
+
+
+def script_report_header(meta: dict, title: str, machine_extra: str = '') -> List[str]:
+    """Markdown title, machine, date, code and command lines of a benchmark script's report."""
+    return [f'# {title}\n',
+            f"- machine: {meta['cpu_model']}, {meta['logical_cpus']} logical CPUs; torch "
+            f"{meta['torch']}{machine_extra}",
+            f"- date: {meta['date']}; code: sar_backbones {meta['code']}",
+            f"- command: `{meta['command']}`"]
 
 
 def code_version() -> str:

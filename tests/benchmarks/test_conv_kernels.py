@@ -1,20 +1,11 @@
 """benchmarks/conv_kernels.py on one repetition (no timing asserted)."""
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / 'benchmarks' / 'conv_kernels.py'
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location('conv_kernels_benchmark', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .helpers import load_benchmark
 
 
 def test_every_kernel_computes_the_same_convolution(tmp_path):
-    conv_kernels = _load()
+    conv_kernels = load_benchmark('conv_kernels')
     out = tmp_path / 'kernels.json'
     report = conv_kernels.main(['--reps', '1', '--warmup', '0', '--out', str(out)])
     saved = json.loads(out.read_text())

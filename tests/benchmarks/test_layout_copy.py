@@ -1,20 +1,11 @@
 """benchmarks/layout_copy.py on one repetition (no timing asserted)."""
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / 'benchmarks' / 'layout_copy.py'
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location('layout_copy_benchmark', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .helpers import load_benchmark
 
 
 def test_both_copies_agree_and_the_pick_follows_the_thread_count(tmp_path):
-    layout_copy = _load()
+    layout_copy = load_benchmark('layout_copy')
     out = tmp_path / 'layout.json'
     report = layout_copy.main(['--threads', '1', '3', '--reps', '1', '--warmup', '0',
                                '--out', str(out)])
