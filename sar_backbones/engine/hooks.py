@@ -87,8 +87,32 @@ def training_progress(runner) -> float:
     return min(max(runner.iter / max_iters, 0.), 1.)
 
 
+class _ProgressScheduleHook(Hook):
+    """Sets one value of the SAR backbone from the training progress before every iteration.
+
+    Subclasses define ``value_at(progress)``, the backbone method that takes
+    the value (``setter``) and the ``train/...`` key it is logged under.
+    """
+
+    priority = 'NORMAL'
+    setter: str
+    log_key: str
+
+    def value_at(self, progress: float) -> float:
+        raise NotImplementedError
+
+    def before_train_iter(self,
+                          runner,
+                          batch_idx: int,
+                          data_batch: DATA_BATCH = None) -> None:
+        """Set the value for the coming iteration and log it."""
+        value = self.value_at(training_progress(runner))
+        getattr(get_sar_backbone(runner.model), self.setter)(value)
+        runner.message_hub.update_scalar(self.log_key, value)
+
+
 @HOOKS.register_module()
-class SARTemperatureHook(Hook):
+class SARTemperatureHook(_ProgressScheduleHook):
     """Anneal the Gumbel-softmax temperature of a SAR backbone.
 
     The paper (appendix "Optimization of Region Selection"): "the temperature
@@ -115,8 +139,9 @@ class SARTemperatureHook(Hook):
         ... ]
     """
 
-    priority = 'NORMAL'
     MODES = ('exp', 'constant')
+    setter = 'set_temperature'
+    log_key = 'train/tau'
 
     def __init__(self,
                  mode: str = 'exp',
@@ -147,18 +172,11 @@ class SARTemperatureHook(Hook):
             math.log(self.start) +
             progress * (math.log(self.end) - math.log(self.start)))
 
-    def before_train_iter(self,
-                          runner,
-                          batch_idx: int,
-                          data_batch: DATA_BATCH = None) -> None:
-        """Set tau for the coming iteration and log it."""
-        tau = self.get_temperature(training_progress(runner))
-        get_sar_backbone(runner.model).set_temperature(tau)
-        runner.message_hub.update_scalar('train/tau', tau)
+    value_at = get_temperature
 
 
 @HOOKS.register_module()
-class SARGumbelNoiseHook(Hook):
+class SARGumbelNoiseHook(_ProgressScheduleHook):
     """Fade the Gumbel noise of training-mode mask sampling out at the end of training.
 
     Not part of the paper, for short schedules. Training samples masks with
@@ -181,7 +199,8 @@ class SARGumbelNoiseHook(Hook):
         >>> custom_hooks = [dict(type='sar_backbones.SARGumbelNoiseHook', begin=0.7)]
     """
 
-    priority = 'NORMAL'
+    setter = 'set_noise_scale'
+    log_key = 'train/noise_scale'
 
     def __init__(self, begin: float = 0.7, end: float = 0.) -> None:
         if not 0 <= begin < 1:
@@ -198,18 +217,11 @@ class SARGumbelNoiseHook(Hook):
         fade = (progress - self.begin) / (1 - self.begin)
         return 1. + min(fade, 1.) * (self.end - 1.)
 
-    def before_train_iter(self,
-                          runner,
-                          batch_idx: int,
-                          data_batch: DATA_BATCH = None) -> None:
-        """Set the noise scale for the coming iteration and log it."""
-        scale = self.get_noise_scale(training_progress(runner))
-        get_sar_backbone(runner.model).set_noise_scale(scale)
-        runner.message_hub.update_scalar('train/noise_scale', scale)
+    value_at = get_noise_scale
 
 
 @HOOKS.register_module()
-class SARTargetRateHook(Hook):
+class SARTargetRateHook(_ProgressScheduleHook):
     """Step the target activation rate of a SAR backbone's rate loss.
 
     The paper: "the target activation rate t is first set to 1 in the
@@ -241,8 +253,9 @@ class SARTargetRateHook(Hook):
         ... ]
     """
 
-    priority = 'NORMAL'
     MODES = ('step', 'constant')
+    setter = 'set_target_rate'
+    log_key = 'train/target_rate'
 
     def __init__(self,
                  target: Optional[float] = None,
@@ -286,20 +299,13 @@ class SARTargetRateHook(Hook):
         reached = bisect.bisect_right(self.milestones, progress)
         return t + (1. - t) * (3 - reached) / 3
 
+    value_at = get_target_rate
+
     def before_run(self, runner) -> None:
         """Read the configured target rate from the model (if not given)."""
         if self.target is None:
             self._final_target = float(
                 get_sar_backbone(runner.model).target_rate)
-
-    def before_train_iter(self,
-                          runner,
-                          batch_idx: int,
-                          data_batch: DATA_BATCH = None) -> None:
-        """Set the target rate for the coming iteration and log it."""
-        target = self.get_target_rate(training_progress(runner))
-        get_sar_backbone(runner.model).set_target_rate(target)
-        runner.message_hub.update_scalar('train/target_rate', target)
 
     def after_train(self, runner) -> None:
         """Leave the model with its final target rate, whatever the mode."""
