@@ -11,7 +11,8 @@ for such a copy:
   copy, parallel over the intra-op threads.
 
 The project copies into rows with the strided copy and back to NCHW with the
-blocked transpose up to ``BLOCKED_TO_NCHW_MAX_THREADS`` threads, strided above.
+blocked transpose up to ``BLOCKED_TO_NCHW_MAX_THREADS`` threads, strided above
+(``memory_format.blocked_nchw_copy``).
 
 Each is timed into a fresh output, as in the model (page faults included),
 on the maps of SAR-ResNet50 G2s2a2b1 at 800x1216 and 224x224, at every
@@ -52,8 +53,9 @@ def _copies(direction: str, shape) -> 'OrderedDict[str, Callable[[], torch.Tenso
         strided=lambda: memory_format.copy_to_rows_(torch.empty(pixels, channels), x))
 
 
-def _picked(direction: str, threads: int) -> str:
-    if direction == 'to NCHW' and threads <= memory_format.BLOCKED_TO_NCHW_MAX_THREADS:
+def _picked(direction: str) -> str:
+    """The kernel sar_backbones uses for the copy at the current thread count."""
+    if direction == 'to NCHW' and memory_format.blocked_nchw_copy(torch.device('cpu')):
         return 'blocked'
     return 'strided'
 
@@ -71,7 +73,7 @@ def run(threads: List[int], reps: int, warmup: int) -> List[dict]:
                 moved = 2 * 4 * shape[0] * shape[1] * shape[2]  # bytes read + written
                 row = {'threads': count, 'direction': direction, 'shape': list(shape),
                        'mib': moved / 2 / 2**20, 'agree': agree,
-                       'picked': _picked(direction, count), 'kernels': {}}
+                       'picked': _picked(direction), 'kernels': {}}
                 for name in copies:
                     ms = summarize(samples[name])['median_ms']
                     row['kernels'][name] = {'ms': ms, 'gb_per_s': moved / ms / 1e6}

@@ -5,9 +5,9 @@ PyTorch copies a layout change in one of two ways: a 2-D transpose
 cache-blocked kernel, which runs on one thread; a 4-D permutation takes the
 generic strided copy, which runs on all intra-op threads.
 ``benchmarks/layout_copy.py`` measures both on the sparse path's maps: NHWC
--> NCHW is 2-8x faster blocked on one or two threads (2-core AMD EPYC) but up
-to 4x slower than the strided copy on 16 threads (16-core Xeon); NCHW -> NHWC
-is faster strided on every thread count measured.
+-> NCHW is 2-10x faster blocked on one or two threads (2-core AMD EPYC) but
+2.5-10x slower than the strided copy on 16 threads (16-core Xeon); NCHW ->
+NHWC is as fast or faster strided on every thread count measured.
 """
 import torch
 from torch import Tensor
@@ -41,8 +41,11 @@ def nchw_copy_blocked(x: Tensor) -> Tensor:
     return out
 
 
+def blocked_nchw_copy(device: torch.device) -> bool:
+    """Whether :func:`rows_to_nchw` takes the blocked transpose at the current thread count."""
+    return device.type == 'cpu' and torch.get_num_threads() <= BLOCKED_TO_NCHW_MAX_THREADS
+
+
 def rows_to_nchw(x: Tensor) -> Tensor:
     """A contiguous (NCHW) copy of an NHWC-strided ``(B, C, H, W)`` tensor (differentiable)."""
-    if x.device.type == 'cpu' and torch.get_num_threads() <= BLOCKED_TO_NCHW_MAX_THREADS:
-        return nchw_copy_blocked(x)
-    return x.contiguous()
+    return nchw_copy_blocked(x) if blocked_nchw_copy(x.device) else x.contiguous()
