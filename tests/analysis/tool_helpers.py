@@ -1,6 +1,7 @@
 """Helpers of the analysis-tool tests: paths and the tools imported as modules."""
-import importlib.util
 from pathlib import Path
+
+from ..script_loading import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / 'tools' / 'analysis'
@@ -12,7 +13,4 @@ FASTER_RCNN = REPO / 'configs' / 'faster_rcnn' / 'faster-rcnn_sar-r50-g2s2a2b1-t
 
 def load_tool(name: str):
     """Import ``tools/analysis/<name>.py`` as a module (the tools are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f'analysis_tool_{name}', TOOLS / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f'tools/analysis/{name}.py')

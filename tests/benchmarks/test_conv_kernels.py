@@ -1,11 +1,11 @@
 """benchmarks/conv_kernels.py on one repetition (no timing asserted)."""
 import json
 
-from .helpers import load_benchmark
+from ..script_loading import load_script
 
 
 def test_every_kernel_computes_the_same_convolution(tmp_path):
-    conv_kernels = load_benchmark('conv_kernels')
+    conv_kernels = load_script('benchmarks/conv_kernels.py')
     out = tmp_path / 'kernels.json'
     report = conv_kernels.main(['--reps', '1', '--warmup', '0', '--out', str(out)])
     saved = json.loads(out.read_text())

@@ -1,11 +1,11 @@
 """benchmarks/layout_copy.py on one repetition (no timing asserted)."""
 import json
 
-from .helpers import load_benchmark
+from ..script_loading import load_script
 
 
 def test_both_copies_agree_and_the_pick_follows_the_thread_count(tmp_path):
-    layout_copy = load_benchmark('layout_copy')
+    layout_copy = load_script('benchmarks/layout_copy.py')
     out = tmp_path / 'layout.json'
     report = layout_copy.main(['--threads', '1', '3', '--reps', '1', '--warmup', '0',
                                '--out', str(out)])

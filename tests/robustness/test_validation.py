@@ -1,5 +1,4 @@
 """Bad inputs, bad configs and mismatching checkpoints fail early, naming the problem."""
-import importlib.util
 import re
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import torch
 from sar_backbones.models import SARResNet
 from sar_backbones.models.integration import BackboneCheckpointMismatchError
 from tests.robustness.helpers import NARROW
+from tests.script_loading import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -249,11 +249,7 @@ def test_pretrained_with_extra_keys_and_wrong_prefix(tmp_path):
 
 
 def _converter():
-    spec = importlib.util.spec_from_file_location(
-        'sar2backbone', REPO / 'tools' / 'model_converters' / 'sar2backbone.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('tools/model_converters/sar2backbone.py')
 
 
 def test_converter_check_config_names_mismatching_keys(tmp_path, capsys):

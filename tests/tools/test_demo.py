@@ -6,7 +6,6 @@ checkpoints, the converted backbone (and that it really is what the detector
 and the segmenter start from), the metrics of the trained and the untrained
 models, and the results table.
 """
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,6 +13,8 @@ import pytest
 import torch
 from mmengine.config import Config
 from PIL import Image
+
+from ..script_loading import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = ('classification', 'detection', 'segmentation')
@@ -25,16 +26,11 @@ ROW_FIELDS = ('task', 'model', 'input_shape', 'metric_name', 'untrained', 'train
               'params_resnet_m', 'checkpoint', 'resolved_config', 'mask_overlay')
 
 
-def _load_demo():
-    spec = importlib.util.spec_from_file_location('sar_demo', REPO / 'tools' / 'demo.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope='module')
 def demo():
-    return _load_demo()
+    return load_script('tools/demo.py')
 
 
 @pytest.fixture(scope='module')

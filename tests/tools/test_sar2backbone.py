@@ -1,5 +1,4 @@
 """ImageNet checkpoint -> tools/model_converters/sar2backbone.py -> task backbones."""
-import importlib.util
 
 import pytest
 import torch
@@ -11,7 +10,8 @@ from sar_backbones.engine import swap_sync_bn
 from sar_backbones.models.integration import BackboneCheckpointMismatchError
 from sar_backbones.registry import MODELS
 
-from .sar_tool_helpers import CONFIGS, REPO, write_tiny_cls_config
+from ..script_loading import load_script
+from .sar_tool_helpers import CONFIGS, write_tiny_cls_config
 
 FASTER_RCNN = CONFIGS / 'faster_rcnn' / 'faster-rcnn_sar-r50-g2s2a2b1-t0.5_fpn_1x_coco.py'
 DEEPLABV3 = (CONFIGS / 'deeplabv3' /
@@ -19,11 +19,7 @@ DEEPLABV3 = (CONFIGS / 'deeplabv3' /
 
 
 def _converter():
-    spec = importlib.util.spec_from_file_location(
-        'sar2backbone', REPO / 'tools' / 'model_converters' / 'sar2backbone.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('tools/model_converters/sar2backbone.py')
 
 
 def _pretrain(shipped, data_root, tmp_path):
