@@ -13,53 +13,145 @@ Fixes:
    mmengine 0.10.7 calls it without the argument (``load_from_local`` in
    ``mmengine/runner/checkpoint.py``; upstream issue open-mmlab/mmengine#1655).
    A checkpoint written by mmengine's ``Runner`` pickles ``HistoryBuffer``
-   objects and numpy arrays from the message hub, so ``resume=True``,
-   ``load_from`` and ``Pretrained`` ``init_cfg`` with a local file all fail
-   with ``UnpicklingError``. The local-file checkpoint loader is re-registered
-   with ``weights_only=False``, which is the behaviour mmengine was written
-   and tested against. URL checkpoints need nothing: they go through
-   ``torch.hub.load_state_dict_from_url``, which still defaults to
-   ``weights_only=False``. The remaining ``torch.load`` calls in that file
-   (pavi, petrel/s3 and mmengine-home ``open-mmlab://`` files) serve storage
-   this project does not use and are left alone. ``torch.load`` itself is
-   not touched, so code outside mmengine keeps PyTorch's safer default.
+   objects and numpy arrays and scalars from the message hub, which the safe
+   loader refuses, so ``resume=True``, ``load_from``, ``Pretrained``
+   ``init_cfg`` with a local file and the inferencers all fail with
+   ``UnpicklingError``.
 
-   As with any pickle, only load checkpoints from sources you trust.
+   The fix keeps PyTorch's safe loading and widens it by exactly the types
+   such checkpoints hold (:func:`mmengine_checkpoint_safe_globals`; ``getattr``
+   only as far as ``HistoryBuffer``'s statistics methods need it):
+   mmengine's local-file loader (the ``''`` entry of ``CheckpointLoader``'s
+   scheme table, which every caller above goes through) is replaced by
+   :func:`sar_backbones.models.backbones.checkpoint.load_checkpoint_file`,
+   which runs ``torch.load(..., weights_only=True)`` inside
+   ``torch.serialization.safe_globals(<those types>)``. The allowance is
+   scoped to that call: a bare ``torch.load`` elsewhere in the process keeps
+   PyTorch's default list. A file that needs anything else (for example an
+   object whose ``__reduce__`` calls ``os.system``) is refused with
+   :class:`~sar_backbones.models.backbones.checkpoint.UnsafeCheckpointError`,
+   which names the file and the offending globals; whoever trusts such a
+   file can still load it themselves with ``torch.load(path,
+   weights_only=False)`` and hand the resulting dict on.
+
+   An inferencer (``mmpretrain.ImageClassificationInferencer``,
+   ``mmdet.apis.DetInferencer``, ...) given only a checkpoint reads it
+   before it imports anything the checkpoint's config names, so import
+   ``sar_backbones`` first. URL checkpoints go through
+   ``torch.hub.load_state_dict_from_url`` and are left as mmengine loads
+   them, and so are the remaining ``torch.load`` calls in that file (pavi,
+   petrel/s3 and mmengine-home ``open-mmlab://`` files), which serve
+   storage this project does not use.
 
 Known but deliberately not patched (not on this project's code paths):
 ``np.in1d`` (removed in numpy 2.4) in mmpretrain's retrieval metrics and
 ``np.float``/``np.long`` in mmdet's YouTube-VIS evaluation and text transforms.
 """
+import collections
 import functools
-import os.path as osp
-from typing import Any, Callable, Optional
-
-import torch
-from mmengine.utils import digit_version
+import inspect
+import pickle
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 # Marks the functions installed by this module so that a second call to
 # ``apply_patches`` (or a reload of this module) never wraps twice.
 _PATCH_MARK = '_sar_backbones_patch'
+
+SafeGlobal = Union[Callable, Tuple[Callable, str]]
 
 
 def _is_patched(func: Callable) -> bool:
     return getattr(func, _PATCH_MARK, False)
 
 
-def _torch_loads_weights_only_by_default() -> bool:
-    """Whether ``torch.load`` without ``weights_only`` refuses full pickles."""
-    return digit_version(torch.__version__) >= digit_version('2.6.0')
+def _numpy_safe_globals() -> List[SafeGlobal]:
+    """The numpy callables that rebuild pickled arrays, scalars and dtypes.
+
+    ``ndarray.__reduce__`` pickles ``multiarray._reconstruct`` with
+    ``ndarray`` and a ``dtype``; a numpy scalar pickles ``multiarray.scalar``
+    with its dtype, and a dtype's state is restored on its concrete class
+    (``numpy.dtypes.Float64DType``, ...), of which only the numeric and
+    boolean ones are allowed. numpy 2 writes ``numpy._core``, numpy 1 wrote
+    ``numpy.core``: both names are accepted so that checkpoints from either
+    environment load. None of these runs code named by the file.
+    """
+    import numpy as np
+
+    # numpy >= 2 keeps the module under ``_core`` (``core`` is a deprecated alias).
+    multiarray = (np._core if hasattr(np, '_core') else np.core).multiarray
+    found: List[SafeGlobal] = [np.ndarray, np.dtype]
+    for name in ('_reconstruct', 'scalar'):
+        func = getattr(multiarray, name)
+        found += [func, (func, f'numpy.core.multiarray.{name}')]
+    kinds = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
+             np.uint64, np.float16, np.float32, np.float64, np.longdouble, np.complex64,
+             np.complex128)
+    found += sorted({type(np.dtype(kind)) for kind in kinds}, key=lambda cls: cls.__name__)
+    return found
+
+
+def _history_buffer_method(owner: Any, name: Any) -> Callable:
+    """What ``getattr`` may do while a checkpoint is unpickled: fetch a HistoryBuffer method.
+
+    A ``HistoryBuffer`` keeps its statistics functions (``HistoryBuffer.min``,
+    ``max``, ``current``, ``mean``) in its state, and pickle writes such a
+    function as ``getattr(HistoryBuffer, 'min')``. Allowing ``getattr`` itself
+    would let a file walk from any allowed object to arbitrary code (e.g.
+    through ``__init__.__globals__``), so this stand-in is registered under the
+    name ``builtins.getattr`` instead: it returns only public functions defined
+    on ``HistoryBuffer``.
+
+    Raises:
+        pickle.UnpicklingError: For anything else, worded like PyTorch's own
+            refusal so that the loader reports the file as unsafe.
+    """
+    from mmengine.logging import HistoryBuffer
+    if owner is HistoryBuffer and isinstance(name, str) and not name.startswith('_'):
+        value = HistoryBuffer.__dict__.get(name)
+        if inspect.isfunction(value):
+            return value
+    raise pickle.UnpicklingError(
+        f'Unsupported global: GLOBAL builtins.getattr({owner!r}, {name!r}) (only the public '
+        "methods of mmengine's HistoryBuffer may be looked up)")
+
+
+@functools.lru_cache(maxsize=None)
+def _safe_globals_cached() -> Tuple[SafeGlobal, ...]:
+    from mmengine.logging import HistoryBuffer
+    return (HistoryBuffer, collections.OrderedDict, (_history_buffer_method, 'builtins.getattr'),
+            *_numpy_safe_globals())
+
+
+def mmengine_checkpoint_safe_globals() -> List[SafeGlobal]:
+    """What a checkpoint of mmengine's ``Runner`` holds besides tensors and containers.
+
+    These are added (for one load at a time) to the globals PyTorch's
+    ``weights_only`` unpickler accepts: mmengine's ``HistoryBuffer`` (the
+    message hub's logged scalars) with a ``getattr`` restricted to its
+    statistics methods (:func:`_history_buffer_method`),
+    ``collections.OrderedDict`` and the numpy array, scalar and dtype
+    reconstruction callables. The list was found by
+    saving real runner checkpoints of this project's configs (classification,
+    detection, segmentation, with and without resume state) and listing
+    their globals with ``torch.serialization.get_unsafe_globals_in_checkpoint``;
+    ``tests/robustness/test_checkpoints.py`` repeats that check.
+
+    Returns:
+        list: Entries for ``torch.serialization.safe_globals``.
+    """
+    return list(_safe_globals_cached())
 
 
 def _patch_mmengine_local_checkpoint_loader() -> None:
-    """Make mmengine load local checkpoints with ``weights_only=False``.
+    """Make mmengine load local checkpoints safely, allowing what its checkpoints hold.
 
     ``CheckpointLoader`` dispatches on the path prefix through its
     ``_schemes`` table, and ``''`` (any path without a URL scheme) maps to
     ``load_from_local``. Replacing that table entry covers every caller
     (``Runner.resume``/``load_checkpoint``,
-    ``mmengine.runner.load_checkpoint``, ``PretrainedInit``), including
-    modules that imported the helper functions by name before this ran.
+    ``mmengine.runner.load_checkpoint``, ``PretrainedInit``, the inferencers),
+    including modules that imported the helper functions by name before this
+    ran.
     """
     from mmengine.runner.checkpoint import CheckpointLoader
 
@@ -68,34 +160,31 @@ def _patch_mmengine_local_checkpoint_loader() -> None:
         return
 
     @functools.wraps(original)
-    def load_from_local(filename: str,
-                        map_location: Optional[Any] = None) -> Any:
-        """Load a local mmengine checkpoint, trusting its pickled objects.
+    def load_from_local(filename: str, map_location: Optional[Any] = None) -> Any:
+        """Load a local mmengine checkpoint with weights-only unpickling.
 
         Args:
             filename (str): Local checkpoint path; ``~`` is expanded.
             map_location (optional): Same as :func:`torch.load`.
 
         Returns:
-            dict | OrderedDict: The loaded checkpoint.
+            dict: The loaded checkpoint.
+
+        Raises:
+            CheckpointReadError: If the file is missing, unreadable, not a
+                checkpoint dict, or needs globals that are not allowed
+                (:class:`UnsafeCheckpointError`).
         """
-        # Resolve the path and validate it before loading (as the original
-        # loader does), so a missing file still raises FileNotFoundError
-        # rather than a torch error.
-        filename = osp.expanduser(filename)
-        if not osp.isfile(filename):
-            raise FileNotFoundError(f'{filename} can not be found.')
-        return torch.load(
-            filename, map_location=map_location, weights_only=False)
+        # Imported here: this module is imported before the models package.
+        from sar_backbones.models.backbones.checkpoint import load_checkpoint_file
+        return load_checkpoint_file(filename, map_location=map_location)
 
     setattr(load_from_local, _PATCH_MARK, True)
     # ``functools.wraps`` keeps the original as ``__wrapped__``: tests use it
     # to show that the unpatched loader fails on the same file.
-    CheckpointLoader.register_scheme(
-        prefixes='', loader=load_from_local, force=True)
+    CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
 
 
 def apply_patches() -> None:
     """Apply every compatibility fix; calling it again is a no-op."""
-    if _torch_loads_weights_only_by_default():
-        _patch_mmengine_local_checkpoint_loader()
+    _patch_mmengine_local_checkpoint_loader()

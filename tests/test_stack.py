@@ -8,8 +8,10 @@ These tests guard the foundation every other part of the project stands on:
   load through ``pkg::`` ``_base_`` inheritance (as the project's configs do),
   build and run, with outputs cross-checked between their predict and loss
   paths;
-* a checkpoint written by mmengine's ``Runner`` resumes under torch >= 2.6,
-  which only works because of ``sar_backbones.compat``.
+* a checkpoint written by mmengine's ``Runner`` resumes under torch >= 2.6
+  with weights-only unpickling, which only works because of
+  ``sar_backbones.compat`` (it allows exactly what such checkpoints hold, and
+  nothing that could run code).
 """
 import copy
 import math
@@ -469,7 +471,13 @@ def test_runner_checkpoint_resumes(tmp_path: Path,
         original(str(checkpoint), 'cpu')
 
     # With sar_backbones.compat, ``resume=True`` restores the iteration,
-    # optimizer and model state, and training carries on from there.
+    # optimizer and model state, and training carries on from there; the
+    # patched loader still unpickles weights-only, with mmengine's types
+    # allowed for that one call (torch.load's default is unchanged).
+    assert CheckpointLoader._schemes[''] is patched
+    assert isinstance(patched(str(checkpoint), 'cpu')['message_hub'], dict)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(checkpoint)
     record = _RecordStateHook()
     second = _toy_runner(
         tmp_path, max_iters=3, resume=True, custom_hooks=[record])
@@ -484,3 +492,22 @@ def test_runner_checkpoint_resumes(tmp_path: Path,
     third = _toy_runner(tmp_path, max_iters=4, resume=True)
     with pytest.raises(pickle.UnpicklingError):
         third.train()
+    monkeypatch.undo()
+
+    # A checkpoint that would run code when unpickled is refused, naming the
+    # file (tests/robustness/test_checkpoints.py covers every loading path).
+    from sar_backbones.models.backbones.checkpoint import UnsafeCheckpointError
+    evil = tmp_path / 'evil.pth'
+    torch.save(dict(state_dict={}, message_hub=_Exec('raise SystemExit(3)')), evil)
+    with pytest.raises(UnsafeCheckpointError, match=f'{evil}.*builtins.exec'):
+        CheckpointLoader._schemes[''](str(evil), 'cpu')
+
+
+class _Exec:
+    """Unpickles to ``exec(code)``: what a malicious checkpoint carries."""
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def __reduce__(self):
+        return exec, (self.code, )

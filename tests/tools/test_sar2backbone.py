@@ -7,7 +7,9 @@ from mmengine.registry import init_default_scope
 from mmengine.runner import Runner
 
 from sar_backbones.engine import swap_sync_bn
-from sar_backbones.models.integration import BackboneCheckpointMismatchError
+from sar_backbones.models.backbones.checkpoint import EXTRA_STATE_KEY, decode_architecture
+from sar_backbones.models.integration import (BackboneCheckpointMismatchError,
+                                              load_checkpoint_file)
 from sar_backbones.registry import MODELS
 
 from ..script_loading import load_script
@@ -43,7 +45,7 @@ def _build(config, checkpoint, **backbone):
 
 
 def _assert_backbone_equals(model, pretrain_ckpt):
-    state = torch.load(pretrain_ckpt, map_location='cpu', weights_only=False)['state_dict']
+    state = load_checkpoint_file(pretrain_ckpt)['state_dict']
     pretrained = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
     loaded = model.backbone.state_dict()
     assert set(loaded) == set(pretrained)
@@ -61,9 +63,11 @@ def test_pretrained_weights_reach_task_backbones(task, imagenet_data, tmp_path):
         shipped = CONFIGS / 'sar_resnet' / 'sar-resnetv1c50-g2s4a1b1-t0.5_8xb32_in1k.py'
         downstream = DEEPLABV3
     pretrain_ckpt = _pretrain(shipped, imagenet_data, tmp_path)
-    # A training checkpoint needs a full unpickle (message hub, numpy state).
+    # A training checkpoint holds message-hub and numpy state that PyTorch's
+    # default refuses; the package's loader allows exactly those types.
     with pytest.raises(Exception):
         torch.load(pretrain_ckpt, map_location='cpu', weights_only=True)
+    assert 'message_hub' in load_checkpoint_file(pretrain_ckpt)
 
     dst = tmp_path / 'checkpoints' / 'backbone.pth'
     _converter().main([str(pretrain_ckpt), str(dst), '--check-config', str(downstream)])
@@ -71,6 +75,9 @@ def test_pretrained_weights_reach_task_backbones(task, imagenet_data, tmp_path):
     assert not any(k.startswith(('backbone.', 'head.', 'neck.')) for k in converted['state_dict'])
     meta = converted['meta']
     assert meta['source'] == 'epoch_1.pth' and meta['backbone_cfg']['depth'] == 50
+    # The architecture record the backbone checks on loading, also in the meta.
+    record = decode_architecture(converted['state_dict'][EXTRA_STATE_KEY])
+    assert record == meta['architecture'] and record['depth'] == 50
 
     model = _build(downstream, dst)
     before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith('backbone.')}
@@ -94,8 +101,9 @@ def test_mismatched_backbone_fails_with_keys_and_shapes(imagenet_data, tmp_path)
     converter.convert(str(pretrain_ckpt), str(dst))
 
     # Wrong G: same keys, grouped convolutions of another shape.
-    model = _build(FASTER_RCNN, dst, depth=34, groups=1)
-    with pytest.raises(ValueError, match=r'shape mismatch: .*checkpoint \(\d+, \d+'):
+    model = _build(FASTER_RCNN, dst, depth=34, mask_groups=1)
+    with pytest.raises(ValueError, match=r'mask_groups: checkpoint 2 vs model 1; .*shape '
+                                         r'mismatch: .*checkpoint \(\d+, \d+'):
         model.init_weights()
     # Wrong depth: ResNet-50 bottlenecks instead of ResNet-34 basic blocks.
     model = _build(FASTER_RCNN, dst)
@@ -105,11 +113,11 @@ def test_mismatched_backbone_fails_with_keys_and_shapes(imagenet_data, tmp_path)
     # The converter's --check-config reports the same before anything is written.
     other = tmp_path / 'g4.py'
     other.write_text(f"_base_ = {str(FASTER_RCNN)!r}\n"
-                     "model = dict(backbone=dict(depth=34, groups=4))\n")
+                     "model = dict(backbone=dict(depth=34, mask_groups=4))\n")
     target = tmp_path / 'not_written.pth'
     with pytest.raises(BackboneCheckpointMismatchError) as error:
         converter.convert(str(pretrain_ckpt), str(target), check_config=str(other))
     message = str(error.value)
-    assert 'groups=4' in message and 'depth=34' in message
+    assert 'mask_groups=4' in message and 'depth=34' in message
     assert 'shape mismatch' in message and 'vs model' in message
     assert not target.exists()
