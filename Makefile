@@ -35,8 +35,9 @@ install:
 test: install
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PYTHON) -m pytest tests -n $(PYTEST_WORKERS) --timeout=$(PYTEST_TIMEOUT) -ra $(PYTEST_ARGS)
 
+# The work dir is the demo's own: a second `make demo` replaces it (--overwrite).
 demo: install
-	$(PYTHON) tools/demo.py --work-dir $(DEMO_WORK_DIR)
+	$(PYTHON) tools/demo.py --work-dir $(DEMO_WORK_DIR) --overwrite
 
 lint:
 	@if $(PYTHON) -m flake8 --version >/dev/null 2>&1; then \

@@ -17,7 +17,6 @@ Example:
     python benchmarks/conv_kernels.py --threads 1 \\
         --out benchmarks/results/conv_kernels_amd-epyc-2cpu.json
 """
-import argparse
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional
 
@@ -26,6 +25,8 @@ import torch.nn.functional as F
 
 from sar_backbones.analysis.latency import (interleaved_timing, save_script_report,
                                             script_report_header, set_threads, summarize)
+from sar_backbones.utils.cli import (ArgumentParser, check_report_paths, int_in, non_negative_int,
+                                     positive_int)
 
 # (label, input shape (N, C, H, W), output channels, kernel size, padding)
 SHAPES = [
@@ -132,12 +133,16 @@ def render(report: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--threads', type=int, default=1)
-    parser.add_argument('--reps', type=int, default=200)
-    parser.add_argument('--warmup', type=int, default=20)
+    parser = ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--threads', type=int_in(0, 4096), default=1,
+                        help='intra-op threads; 0 = all logical CPUs')
+    parser.add_argument('--reps', type=positive_int, default=200)
+    parser.add_argument('--warmup', type=non_negative_int, default=20)
     parser.add_argument('--out', required=True, help='JSON path; the markdown goes next to it')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace an existing --out JSON and its markdown')
     args = parser.parse_args(argv)
+    check_report_paths(parser, args.out, args.overwrite)
     rows = run(args.threads, args.reps, args.warmup)
     return save_script_report('benchmarks/conv_kernels.py', argv, args.out, rows, render,
                               threads=args.threads, reps=args.reps, warmup=args.warmup)

@@ -2,7 +2,7 @@
 
 The sparse refine path works on channels-last pixel rows, so an NCHW backbone
 copies each SAR stage's input into rows and the refine output back to NCHW
-(``sar_backbones/models/layers/memory_format.py``). PyTorch has two kernels
+(``sar_backbones/inference/memory_format.py``). PyTorch has two kernels
 for such a copy:
 
 * ``blocked``: image by image as a 2-D transpose ``(C, H*W)`` <-> ``(H*W, C)``,
@@ -22,7 +22,6 @@ Example:
     python benchmarks/layout_copy.py --threads 1 2 \\
         --out benchmarks/results/layout_copy_amd-epyc-2cpu.json
 """
-import argparse
 from collections import OrderedDict
 from typing import Callable, List
 
@@ -30,7 +29,9 @@ import torch
 
 from sar_backbones.analysis.latency import (interleaved_timing, save_script_report,
                                             script_report_header, set_threads, summarize)
-from sar_backbones.models.layers import memory_format
+from sar_backbones.inference import memory_format
+from sar_backbones.utils.cli import (ArgumentParser, check_report_paths, int_in, non_negative_int,
+                                     positive_int)
 
 # (direction, (C, H, W)): refine outputs back to NCHW, stage inputs into rows.
 SHAPES = [('to NCHW', shape) for shape in ((256, 200, 304), (512, 100, 152), (1024, 50, 76),
@@ -105,13 +106,16 @@ def render(report: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--threads', type=int, nargs='+', default=[1],
+    parser = ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--threads', type=int_in(0, 4096), nargs='+', default=[1],
                         help='intra-op thread counts; 0 = all logical CPUs')
-    parser.add_argument('--reps', type=int, default=15)
-    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--reps', type=positive_int, default=15)
+    parser.add_argument('--warmup', type=non_negative_int, default=2)
     parser.add_argument('--out', required=True, help='JSON path; the markdown goes next to it')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace an existing --out JSON and its markdown')
     args = parser.parse_args(argv)
+    check_report_paths(parser, args.out, args.overwrite)
     rows = run(args.threads, args.reps, args.warmup)
     return save_script_report('benchmarks/layout_copy.py', argv, args.out, rows, render,
                               reps=args.reps, warmup=args.warmup)

@@ -67,6 +67,7 @@ from sar_backbones.analysis.demo_report import (backbone_costs, mask_figure,  # 
 from sar_backbones.analysis.mask_vis import collect_masks  # noqa: E402
 from sar_backbones.datasets import generate  # noqa: E402
 from sar_backbones.engine import get_sar_backbone  # noqa: E402
+from sar_backbones.utils.cli import ArgumentParser, int_in  # noqa: E402
 
 CONFIG_DIR = REPO / 'configs' / 'demo'
 BACKBONE_CKPT = 'sar-resnet18-g1s2a2b1_demo-shapes_backbone.pth'
@@ -357,10 +358,10 @@ def last_checkpoint(work_dir: str) -> str:
 
 
 # -------------------------------------------------------------------- stages
-def make_data(data_root: Path, quick: bool) -> dict:
-    """Generate the three data sets (stage ``data``)."""
+def make_data(data_root: Path, quick: bool, dry_run: bool = False) -> dict:
+    """Generate the three data sets (stage ``data``); ``dry_run`` only checks that it can."""
     sizes = QUICK_DATA_SIZES if quick else DATA_SIZES
-    return generate.generate_all(data_root, **sizes)
+    return generate.generate_all(data_root, dry_run=dry_run, **sizes)
 
 
 def train(task: Task, cfg: Config, progress: Progress, verbose: bool) -> Dict[str, str]:
@@ -399,7 +400,8 @@ def convert(pretrain_ckpt: str, dst: Path, check_configs: Sequence[str],
     """Write the backbone-only checkpoint and check it fits every downstream backbone."""
     converter = _load_converter()
     with contextlib.redirect_stdout(io.StringIO()):
-        state_dict = converter.convert(pretrain_ckpt, str(dst))
+        # The demo owns its work dir (checked in main): a re-run replaces its own output.
+        state_dict = converter.convert(pretrain_ckpt, str(dst), overwrite=True)
     for config in check_configs:
         backbone = converter.build_backbone_from_config(config)
         converter.check_backbone_state_dict(backbone, state_dict, source=str(dst))
@@ -540,21 +542,46 @@ def write_report(work_dir: Path, rows: List[dict], extra: dict) -> Tuple[Path, P
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    """Parse and check the command line; a mistake exits 2 with one line naming the argument."""
+    parser = ArgumentParser(
         description='Pretrain, finetune and evaluate SAR-ResNet on generated data (CPU demo)')
     parser.add_argument('--work-dir', default='work_dirs/demo',
-                        help='where every stage writes (default: work_dirs/demo)')
+                        help='where every stage writes (default: work_dirs/demo); must be new '
+                        'or empty unless --overwrite')
     parser.add_argument('--data-root', default=None,
                         help='data sets root (default: <work-dir>/data)')
     parser.add_argument('--skip-data', action='store_true',
                         help='use the data already in --data-root instead of generating it')
     parser.add_argument('--quick', action='store_true',
                         help='tiny data and a couple of iterations per stage (for tests)')
-    parser.add_argument('--num-vis', type=int, default=4,
-                        help='held-out images per task in the mask overlays (default: 4)')
+    parser.add_argument('--num-vis', type=int_in(1, 64), default=4,
+                        help='held-out images per task in the mask overlays (1-64, default: 4)')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='run again into a --work-dir that holds an earlier run (its '
+                        'checkpoints, results and overlays are replaced)')
     parser.add_argument('--verbose', action='store_true',
                         help='show the OpenMMLab logs on the console too')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    work_dir = Path(args.work_dir).absolute()
+    data_root = Path(args.data_root).absolute() if args.data_root else work_dir / 'data'
+    if data_root.exists() and not data_root.is_dir():
+        parser.error(f'argument --data-root: {data_root} is not a directory')
+    if args.skip_data and not (data_root / generate.INFO_FILE).is_file():
+        parser.error(f'argument --skip-data: no generated data in {data_root} '
+                     f'({generate.INFO_FILE} missing)')
+    if work_dir.exists() and not work_dir.is_dir():
+        parser.error(f'argument --work-dir: {work_dir} is not a directory')
+    if not args.skip_data:
+        try:  # what the data stage will write, checked before any stage runs
+            make_data(data_root, args.quick, dry_run=True)
+        except (ValueError, OSError) as error:
+            parser.error(f'argument --data-root: {error}')
+    # The data sets may live inside the work dir; the generator guards them itself.
+    earlier = [p for p in work_dir.iterdir() if p != data_root] if work_dir.is_dir() else []
+    if earlier and not args.overwrite:
+        parser.error(f'argument --work-dir: {work_dir} is not empty (e.g. {earlier[0].name}); '
+                     'pass --overwrite to run again into it')
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

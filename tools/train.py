@@ -22,10 +22,11 @@ from mmengine.runner import Runner
 
 import sar_backbones  # noqa: F401  (registries and compat fixes)
 from sar_backbones.engine import setup_distributed_for_device
+from sar_backbones.utils.cli import ArgumentParser, non_negative_int
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description='Train a model with a SAR-ResNet backbone')
+    parser = ArgumentParser(description='Train a model with a SAR-ResNet backbone')
     parser.add_argument('config', help='train config file path')
     parser.add_argument('--work-dir', help='the dir to save logs and models')
     parser.add_argument(
@@ -47,14 +48,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs='+',
         action=DictAction,
         help='override config settings, xxx=yyy pairs merged into the config, '
-        'e.g. train_cfg.max_epochs=1 "model.backbone.groups=4"')
+        'e.g. train_cfg.max_epochs=1 "model.backbone.mask_groups=4"')
     parser.add_argument(
         '--launcher',
         choices=['none', 'pytorch', 'slurm', 'mpi'],
         default='none',
         help='job launcher')
     # torch.distributed.launch passes --local-rank; torchrun sets LOCAL_RANK.
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    parser.add_argument('--local_rank', '--local-rank', type=non_negative_int, default=0)
     args = parser.parse_args(argv)
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
@@ -98,4 +99,14 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
-    main()
+    import sys
+
+    from sar_backbones.models.backbones.checkpoint import (BackboneCheckpointMismatchError,
+                                                           CheckpointReadError)
+    try:
+        main()
+    except (CheckpointReadError, BackboneCheckpointMismatchError) as error:
+        # --resume / load_from / Pretrained unreadable or of another model: one line, exit 2.
+        message = ' '.join(str(error).split())
+        sys.stderr.write(f'{osp.basename(sys.argv[0])}: error: {message}\n')
+        sys.exit(2)

@@ -1,6 +1,6 @@
 """Synthetic data sets in the ImageNet, COCO and VOC on-disk formats.
 
-Only numpy and Pillow are needed to make them; see :mod:`.generate`.
+numpy, Pillow and pycocotools make them; see :mod:`.generate`.
 """
 import importlib
 from typing import Any
@@ -8,7 +8,7 @@ from typing import Any
 __all__ = [
     'CLASSES', 'PALETTE', 'SEG_CLASSES', 'SEG_PALETTE', 'VOC_PALETTE', 'Scene',
     'classification_scene', 'detection_scene', 'generate_all', 'generate_coco',
-    'generate_imagenet', 'generate_voc', 'mask_to_polygons'
+    'generate_imagenet', 'generate_voc', 'mask_to_rle', 'tight_bbox'
 ]
 
 

@@ -8,8 +8,9 @@ that classification pretraining transfers to detection and segmentation:
   dominant object per image, ``train/<class>/*.JPEG`` plus ``meta/train.txt``
   (``relative/path label`` lines) and ``classes.txt``.
 * ``coco/``: ``train2017/``, ``val2017/`` and
-  ``annotations/instances_{train,val}2017.json`` with boxes, areas and polygon
-  masks of the visible part of each object.
+  ``annotations/instances_{train,val}2017.json`` with boxes, areas and
+  instance masks of the visible part of each object (compressed RLE,
+  ``pycocotools.mask.encode``).
 * ``VOCdevkit/VOC2012/``: ``JPEGImages/``, palette PNGs in
   ``SegmentationClass/`` (0 background, 1..C objects, 255 for a thin ignore band
   along every boundary as in real VOC) and ``ImageSets/Segmentation``.
@@ -19,7 +20,13 @@ they hold the same images. Every image draws from its own random stream,
 derived from ``(seed, task, split, index)``; adding images never changes
 existing ones, and output bytes depend only on the arguments.
 
-Only numpy and Pillow are needed. Command line::
+The generator writes only what it owns: ``dataset_info.json`` lists every
+file it wrote, with a hash of its bytes, and a later run replaces or deletes
+only listed files that are unchanged. Files of the user next to them are left
+alone; a file in the way, or a ``dataset_info.json`` of another program, is
+an error, and all arguments are checked before the first byte is written.
+
+numpy, Pillow and (for the COCO masks) pycocotools are needed. Command line::
 
     python -m sar_backbones.datasets.generate --out data/demo --task all
 """
@@ -27,10 +34,12 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import hashlib
 import io
 import json
 import math
-import shutil
+import numbers
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -64,9 +73,6 @@ DEFAULT_IGNORE_RADIUS = 1
 INFO_FILE = 'dataset_info.json'
 # Names this module in dataset_info.json; __name__ is '__main__' under python -m.
 GENERATOR = 'sar_backbones.datasets.generate'
-# Written into each task folder: only folders carrying it are ever deleted, so
-# pointing --out at real data cannot destroy it.
-MARKER_FILE = '.sar_generated'
 SPLITS = ('train', 'val')
 _SPLIT_IDS = {'train': 0, 'val': 1}
 _STREAM_IDS = {'imagenet': 0, 'scenes': 1}
@@ -495,144 +501,28 @@ def detection_scene(seed: int, split: str, index: int,
 
 
 # --------------------------------------------------------------------------
-# Masks to COCO polygons
+# Masks to COCO annotations
 # --------------------------------------------------------------------------
-_Point = Tuple[int, int]
+def mask_to_rle(mask: np.ndarray) -> Dict[str, object]:
+    """Encode a bool mask as COCO's compressed RLE (``pycocotools.mask.encode``).
 
-
-def _boundary_edges(mask: np.ndarray) -> Dict[_Point, List[_Point]]:
-    """Directed unit edges between object and background pixels.
-
-    Vertices are pixel corners (pixel ``(r, c)`` spans ``[c, c+1] x [r, r+1]``,
-    the convention of COCO polygons). Edges run with the object on their right
-    in image coordinates (y down), so outer outlines have positive shoelace
-    area and holes negative.
-
-    Returns:
-        Map from a start vertex ``(x, y)`` to the directions ``(dx, dy)`` of
-        the edges that leave it (two at a diagonal pinch, else one).
-    """
-    padded = np.pad(mask, 1)
-    edges: Dict[_Point, List[_Point]] = {}
-
-    def add(rows: np.ndarray, cols: np.ndarray, start: Tuple[int, int], step: _Point) -> None:
-        for y, x in zip(rows.tolist(), cols.tolist()):
-            edges.setdefault((x + start[0], y + start[1]), []).append(step)
-
-    # Row i of these diffs is the corner line y = i; column j is pixel column j-1.
-    top_rows, top_cols = np.nonzero(padded[1:, :] & ~padded[:-1, :])
-    add(top_rows, top_cols, (-1, 0), (1, 0))
-    bottom_rows, bottom_cols = np.nonzero(padded[:-1, :] & ~padded[1:, :])
-    add(bottom_rows, bottom_cols, (0, 0), (-1, 0))
-    # Column j is the corner line x = j; row i is pixel row i-1.
-    left_rows, left_cols = np.nonzero(padded[:, 1:] & ~padded[:, :-1])
-    add(left_rows, left_cols, (0, 0), (0, -1))
-    right_rows, right_cols = np.nonzero(padded[:, :-1] & ~padded[:, 1:])
-    add(right_rows, right_cols, (0, -1), (0, 1))
-    return edges
-
-
-def _trace_loops(mask: np.ndarray) -> List[np.ndarray]:
-    """Chain boundary edges into closed loops of corner vertices.
-
-    At a pinch (two pixels touching only diagonally) the walk turns right
-    first, which keeps following the same pixel: objects are 4-connected, and
-    loops never cross themselves. That rule pairs incoming with outgoing edges
-    once and for all, so every walk returns to its first edge.
-
-    Returns:
-        ``(N, 2)`` int arrays of ``(x, y)`` vertices, collinear points removed.
-    """
-    outgoing = _boundary_edges(mask)
-    unused = {(vertex, step) for vertex, steps in outgoing.items() for step in steps}
-    loops = []
-    while unused:
-        # min() rather than set order: the polygon's first vertex is part of the output bytes.
-        start = min(unused)
-        vertex, direction = start
-        points: List[_Point] = []
-        directions: List[_Point] = []
-        while True:
-            unused.remove((vertex, direction))
-            points.append(vertex)
-            directions.append(direction)
-            vertex = (vertex[0] + direction[0], vertex[1] + direction[1])
-            right, left = (-direction[1], direction[0]), (direction[1], -direction[0])
-            direction = next(d for d in (right, direction, left) if d in outgoing[vertex])
-            if (vertex, direction) == start:
-                break
-        loops.append(_drop_collinear(points, directions))
-    return loops
-
-
-def _drop_collinear(points: List[_Point], directions: List[_Point]) -> np.ndarray:
-    """Keep only the vertices where the outline changes direction."""
-    keep = [p for p, d, before in zip(points, directions, directions[-1:] + directions[:-1])
-            if d != before]
-    return np.array(keep, dtype=np.int64)
-
-
-def _signed_area(loop: np.ndarray) -> float:
-    """Shoelace area; positive for outer outlines (see ``_boundary_edges``)."""
-    x, y = loop[:, 0].astype(np.float64), loop[:, 1].astype(np.float64)
-    return 0.5 * float(np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y))
-
-
-def _contains(loop: np.ndarray, point: Tuple[float, float]) -> bool:
-    """Even-odd point-in-polygon test (the point is never on the outline)."""
-    x, y = point
-    x0, y0 = loop[:, 0].astype(np.float64), loop[:, 1].astype(np.float64)
-    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
-    spans = (y0 > y) != (y1 > y)
-    with np.errstate(divide='ignore', invalid='ignore'):
-        crossing = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
-    return bool(np.count_nonzero(spans & (x < crossing)) % 2)
-
-
-def _pixel_inside_hole_outline(hole: np.ndarray) -> Tuple[float, float]:
-    """Centre of an object pixel bordering the hole (right of its first edge)."""
-    (x0, y0), (x1, y1) = hole[0], hole[1]
-    dx, dy = np.sign(x1 - x0), np.sign(y1 - y0)
-    return x0 + 0.5 * dx - 0.5 * dy, y0 + 0.5 * dy + 0.5 * dx
-
-
-def _bridge(outer: np.ndarray, hole: np.ndarray) -> np.ndarray:
-    """Splice a hole into its outline through a zero-width slit.
-
-    COCO unions the polygons of an object, so a hole cannot be a polygon of
-    its own. The slit is walked once each way, so its crossings cancel under
-    the even-odd fill used by pycocotools.
-    """
-    distances = ((outer[:, None, :] - hole[None, :, :])**2).sum(-1)
-    i, j = np.unravel_index(int(np.argmin(distances)), distances.shape)
-    return np.concatenate([outer[:i + 1], hole[j:], hole[:j + 1], outer[i:]])
-
-
-def mask_to_polygons(mask: np.ndarray) -> List[List[float]]:
-    """Convert a bool mask to COCO polygons that rasterise back to it exactly.
-
-    One polygon per 4-connected component, with its holes spliced in.
+    RLE is exact for any pixel set (holes, diagonal pinches) and is what
+    pycocotools, mmdet's ``LoadAnnotations`` (``with_mask=True`` with the
+    default ``poly2mask=True``) and COCO's ``segm`` evaluation decode. Only
+    ``poly2mask=False`` (``PolygonMasks``) cannot take RLE: mmdet then marks
+    the instances as ignored, as it does for crowd regions of real COCO.
 
     Args:
         mask: ``(H, W)`` bool map.
 
     Returns:
-        Flat ``[x0, y0, x1, y1, ...]`` lists in pixel-corner coordinates.
+        ``{'size': [H, W], 'counts': str}``; counts as text, so that the
+        annotation file is plain JSON.
     """
-    loops = _trace_loops(mask)
-    outers = [loop for loop in loops if _signed_area(loop) > 0]
-    outer_areas = [_signed_area(loop) for loop in outers]
-    holes_of: List[List[np.ndarray]] = [[] for _ in outers]
-    for hole in (loop for loop in loops if _signed_area(loop) < 0):
-        point = _pixel_inside_hole_outline(hole)
-        owners = [k for k, outer in enumerate(outers) if _contains(outer, point)]
-        holes_of[min(owners, key=lambda k: outer_areas[k])].append(hole)
-    polygons = []
-    for outer, holes in zip(outers, holes_of):
-        for hole in holes:
-            outer = _bridge(outer, hole)
-        polygons.append([float(v) for v in outer.reshape(-1)])
-    return polygons
+    from pycocotools import mask as mask_utils
+    rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return dict(size=[int(mask.shape[0]), int(mask.shape[1])],
+                counts=rle['counts'].decode('ascii'))
 
 
 def tight_bbox(mask: np.ndarray) -> List[float]:
@@ -644,25 +534,235 @@ def tight_bbox(mask: np.ndarray) -> List[float]:
 
 
 # --------------------------------------------------------------------------
-# Writers
+# Arguments
 # --------------------------------------------------------------------------
-def _prepare_task_dir(path: Path) -> Path:
-    """Create an empty task folder, replacing one that this module made.
+TASKS = ('imagenet', 'coco', 'voc')
+# Where each task writes, relative to the output root.
+TASK_ROOTS = {'imagenet': 'imagenet', 'coco': 'coco', 'voc': 'VOCdevkit'}
+MIN_SIDE = 32  # below that the scenes cannot hold an object with a core
+MAX_SIDE = 4096
+# Train ids are 1..N and val ids start at 1_000_001: more training scenes
+# would give two images the same COCO id.
+MAX_SCENES = _ID_OFFSETS['val'] - _ID_OFFSETS['train']
+MAX_PER_CLASS = 99_999  # file names carry five digits
+MAX_OBJECTS = 50
 
-    Raises:
-        FileExistsError: If ``path`` holds files that this module did not
-            write (for example a real data set).
-    """
-    if path.exists():
-        if not (path / MARKER_FILE).is_file() and any(path.iterdir()):
-            raise FileExistsError(f'{path} exists and was not made by this generator; '
-                                  'choose another --out')
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    (path / MARKER_FILE).write_text('made by sar_backbones.datasets.generate\n')
+
+def _check_int(name: str, value: object, low: int, high: Optional[int] = None) -> int:
+    """An integer (bools and floats refused) in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f'{name} must be an integer, got {value!r}')
+    if value < low or (high is not None and value > high):
+        bounds = f'>= {low}' if high is None else f'in [{low}, {high}]'
+        raise ValueError(f'{name} must be {bounds}, got {value}')
+    return int(value)
+
+
+def _check_counts(**counts: object) -> Dict[str, int]:
+    """Image counts are at least one: empty splits break the loaders."""
+    return {name: _check_int(name, value, 1, MAX_SCENES) for name, value in counts.items()}
+
+
+def _check_size_range(size_range: object, name: str = 'image_size') -> Tuple[int, int]:
+    """One side or an inclusive ``(min, max)`` side range, ``MIN_SIDE <= min <= max``."""
+    if isinstance(size_range, (str, bytes)) or not isinstance(size_range, Sequence):
+        raise ValueError(f'{name} must be one or two integers (min, max), got {size_range!r}')
+    if len(size_range) not in (1, 2):
+        raise ValueError(f'{name} takes one or two values (min, max), got {len(size_range)}')
+    low, high = (_check_int(name, side, MIN_SIDE, MAX_SIDE) for side in
+                 (size_range[0], size_range[-1]))
+    if low > high:
+        raise ValueError(f'{name} must satisfy min <= max, got {list(size_range)}')
+    return low, high
+
+
+def _check_tasks(tasks: Iterable[str]) -> List[str]:
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    tasks = list(dict.fromkeys(tasks))
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f'tasks must be a non-empty subset of {list(TASKS)}, got {tasks}')
+    return tasks
+
+
+def _check_out_dir(out_dir: object) -> Path:
+    """The output root: a folder, or a path where one can be made."""
+    if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir):
+        raise ValueError(f'out_dir must be a path, got {out_dir!r}')
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f'{path} exists and is not a directory')
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FileExistsError(f'{parent} is a file, so {path} cannot be made')
+            break
     return path
 
 
+# --------------------------------------------------------------------------
+# Files this generator owns
+# --------------------------------------------------------------------------
+def _digest(data: bytes) -> str:
+    """Short content hash: tells a file we wrote from one edited since."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _read_info(out_dir: Path) -> dict:
+    """This generator's ``dataset_info.json`` in ``out_dir`` ({} if none).
+
+    Raises:
+        FileExistsError: If the file exists but another program wrote it.
+    """
+    path = out_dir / INFO_FILE
+    if not path.exists():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        info = None
+    if not isinstance(info, dict) or info.get('generator') != GENERATOR:
+        raise FileExistsError(f'{path} exists and was not written by {GENERATOR}; '
+                              'choose another output folder')
+    return info
+
+
+def _owned_files(info: dict, task: str) -> Optional[Dict[str, Optional[str]]]:
+    """``relative path -> digest`` of a task's files (None: no file list).
+
+    A digest is None for files of a run that was interrupted while writing.
+    """
+    files = info.get('files', {}).get(task)
+    return None if files is None else dict(files)
+
+
+def _check_replaceable(out_dir: Path, planned: Dict[str, List[str]], info: dict) -> None:
+    """Everything a run would replace or delete must be a file it wrote itself.
+
+    Checked for every task before anything is written.
+
+    Raises:
+        FileExistsError: Naming the first file or folder in the way.
+    """
+    for task, paths in planned.items():
+        owned = _owned_files(info, task)
+        root = out_dir / TASK_ROOTS[task]
+        if owned is None:
+            if root.is_dir() and any(root.iterdir()):
+                raise FileExistsError(
+                    f'{root} holds files this generator did not list as its own '
+                    '(real data, or data of an older version); choose another output folder')
+            owned = {}
+        for relative, digest in owned.items():
+            path = out_dir / relative
+            if path.is_symlink() or (path.exists() and not path.is_file()):
+                raise FileExistsError(f'{path} was replaced since it was generated; '
+                                      'move it away first')
+            if digest is not None and path.is_file() and _digest(path.read_bytes()) != digest:
+                raise FileExistsError(f'{path} was modified since it was generated; '
+                                      'move it away first')
+        for relative in paths:
+            path = out_dir / relative
+            if (path.exists() or path.is_symlink()) and relative not in owned:
+                raise FileExistsError(f'{path} exists and was not written by this generator; '
+                                      'choose another output folder')
+        for folder in sorted({(out_dir / relative).parent for relative in paths}):
+            for parent in [folder, *folder.parents]:
+                if parent == out_dir or out_dir not in parent.parents:
+                    break
+                if parent.exists() and not parent.is_dir():
+                    raise FileExistsError(f'{parent} is a file where this generator needs a '
+                                          'folder; move it away first')
+
+
+class _Output:
+    """Writes the planned files of one run and keeps the manifest current.
+
+    The manifest is the ``files`` entry of ``dataset_info.json``: per task,
+    every file this generator wrote with the hash of its bytes. A run
+    replaces or deletes only files listed there (and unchanged), so a
+    user's file inside a generated folder is never touched.
+
+    Args:
+        out_dir: Output root.
+        planned: Task -> every path (relative to ``out_dir``) it will write.
+        info: The current content of ``dataset_info.json`` (checked).
+    """
+
+    def __init__(self, out_dir: Path, planned: Dict[str, List[str]], info: dict) -> None:
+        self.out_dir = out_dir
+        self.planned = {task: set(paths) for task, paths in planned.items()}
+        self.info = info
+        self.written: Dict[str, Dict[str, str]] = {task: {} for task in planned}
+
+    def begin(self) -> None:
+        """Record the planned files, then delete the task's stale files.
+
+        The manifest lists the planned files before any is written, so an
+        interrupted run leaves nothing that a later run cannot replace.
+        """
+        files = self.info.setdefault('files', {})
+        stale: List[Path] = []
+        for task, paths in self.planned.items():
+            owned = _owned_files(self.info, task) or {}
+            stale += [self.out_dir / p for p in owned if p not in paths]
+            entry = {p: None for p in paths}
+            entry.update({p: d for p, d in owned.items() if p not in paths})
+            files[task] = entry
+            self.info.setdefault('tasks', {}).pop(task, None)
+        self._save_info()
+        for path in stale:
+            if path.is_file():
+                path.unlink()
+            self._remove_empty_parents(path)
+        for task in self.planned:
+            files[task] = {p: None for p in sorted(self.planned[task])}
+        self._save_info()
+
+    def write(self, task: str, relative: str, data: bytes) -> None:
+        """Write one planned file."""
+        if relative not in self.planned[task]:
+            raise RuntimeError(f'{relative} is not a planned file of {task}')  # a bug here
+        path = self.out_dir / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        self.written[task][relative] = _digest(data)
+
+    def finish(self, entries: Dict[str, dict]) -> dict:
+        """Record the written files and the tasks' entries; return the info."""
+        for task, paths in self.planned.items():
+            missing = paths - set(self.written[task])
+            if missing:
+                raise RuntimeError(f'{task}: planned files not written: {sorted(missing)[:3]}')
+            self.info['files'][task] = dict(sorted(self.written[task].items()))
+            self.info['tasks'][task] = entries[task]
+        self._save_info()
+        return self.info
+
+    def _save_info(self) -> None:
+        self.info.update(generator=GENERATOR, classes=list(CLASSES),
+                         seg_classes=list(SEG_CLASSES), palette=PALETTE,
+                         seg_palette=SEG_PALETTE, ignore_index=IGNORE_INDEX,
+                         class_hues=list(CLASS_HUES))
+        self.info.setdefault('tasks', {})
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / INFO_FILE).write_text(json.dumps(self.info, indent=2, sort_keys=True)
+                                              + '\n')
+
+    def _remove_empty_parents(self, path: Path) -> None:
+        """Remove the folders a deleted file leaves empty, up to the output root."""
+        for parent in path.parents:
+            if parent == self.out_dir or self.out_dir not in parent.parents:
+                return
+            if not parent.is_dir() or any(parent.iterdir()):
+                return
+            parent.rmdir()
+
+
+# --------------------------------------------------------------------------
+# Writers
+# --------------------------------------------------------------------------
 def _encode_jpeg(image: np.ndarray) -> bytes:
     """JPEG bytes of an RGB uint8 image (deterministic for given pixels)."""
     buffer = io.BytesIO()
@@ -680,80 +780,80 @@ def _encode_label_png(semantic: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _check_counts(**counts: int) -> None:
-    """Reject counts below one: empty splits break the loaders."""
-    for name, value in counts.items():
-        if int(value) < 1:
-            raise ValueError(f'{name} must be at least 1, got {value}')
+def _imagenet_name(label: int, index: int) -> str:
+    """``<class>/<class>_<index>.JPEG``, relative to the split folder."""
+    name = CLASSES[label]
+    return f'{name}/{name}_{index:05d}.JPEG'
 
 
-def _check_size_range(size_range: Sequence[int]) -> Tuple[int, int]:
-    """Validate a ``(min, max)`` side range."""
-    low, high = int(size_range[0]), int(size_range[-1])
-    if not 32 <= low <= high:
-        raise ValueError(f'image sides must satisfy 32 <= min <= max, got {size_range}')
-    return low, high
+def _imagenet_files(per_class: Dict[str, int]) -> List[str]:
+    files = ['imagenet/classes.txt']
+    for split in SPLITS:
+        files.append(f'imagenet/meta/{split}.txt')
+        files += [f'imagenet/{split}/{_imagenet_name(label, index)}'
+                  for label in range(len(CLASSES)) for index in range(per_class[split])]
+    return files
 
 
-def generate_imagenet(out_dir: str | Path, num_train_per_class: int = DEFAULT_CLS_TRAIN_PER_CLASS,
-                      num_val_per_class: int = DEFAULT_CLS_VAL_PER_CLASS,
-                      image_size: int = DEFAULT_CLS_SIZE, seed: int = DEFAULT_SEED) -> dict:
-    """Write an ImageNet-style classification set to ``out_dir/imagenet``.
+def _scene_ids(split: str, count: int) -> List[int]:
+    return [_ID_OFFSETS[split] + index for index in range(count)]
 
-    Layout: ``{train,val}/<class>/<class>_<i>.JPEG``, ``meta/{train,val}.txt``
-    with lines ``<class>/<file> <label>`` relative to the split folder (what
-    mmpretrain's ``ImageNet(split=...)`` reads), and ``classes.txt``.
 
-    Args:
-        out_dir: Output root.
-        num_train_per_class: Training images per class.
-        num_val_per_class: Validation images per class.
-        image_size: Side of the square images.
-        seed: Base seed.
+def _coco_files(counts: Dict[str, int]) -> List[str]:
+    files = []
+    for split in SPLITS:
+        files.append(f'coco/annotations/instances_{split}2017.json')
+        files += [f'coco/{split}2017/{image_id:012d}.jpg'
+                  for image_id in _scene_ids(split, counts[split])]
+    return files
 
-    Returns:
-        The task's entry of ``dataset_info.json``.
-    """
-    _check_counts(num_train_per_class=num_train_per_class, num_val_per_class=num_val_per_class)
-    if image_size < 32:
-        raise ValueError(f'image_size must be at least 32, got {image_size}')
-    root = _prepare_task_dir(Path(out_dir) / 'imagenet')
-    (root / 'meta').mkdir()
-    (root / 'classes.txt').write_text(''.join(f'{name}\n' for name in CLASSES))
-    per_class = {'train': num_train_per_class, 'val': num_val_per_class}
+
+VOC_DIR = 'VOCdevkit/VOC2012'
+
+
+def _voc_files(counts: Dict[str, int]) -> List[str]:
+    files = []
+    for split in SPLITS:
+        files.append(f'{VOC_DIR}/ImageSets/Segmentation/{split}.txt')
+        for image_id in _scene_ids(split, counts[split]):
+            files += [f'{VOC_DIR}/JPEGImages/{image_id:012d}.jpg',
+                      f'{VOC_DIR}/SegmentationClass/{image_id:012d}.png']
+    return files
+
+
+def _write_imagenet(output: _Output, per_class: Dict[str, int], image_size: int,
+                    seed: int) -> dict:
+    """Render and write the ImageNet-style set; return its info entry."""
+    output.write('imagenet', 'imagenet/classes.txt',
+                 ''.join(f'{name}\n' for name in CLASSES).encode())
     for split in SPLITS:
         lines = []
-        for label, name in enumerate(CLASSES):
-            (root / split / name).mkdir(parents=True)
+        for label in range(len(CLASSES)):
             for index in range(per_class[split]):
-                relative = f'{name}/{name}_{index:05d}.JPEG'
+                relative = _imagenet_name(label, index)
                 scene = classification_scene(seed, split, label, index, image_size)
-                (root / split / relative).write_bytes(_encode_jpeg(scene.image))
+                output.write('imagenet', f'imagenet/{split}/{relative}',
+                             _encode_jpeg(scene.image))
                 lines.append(f'{relative} {label}\n')
-        (root / 'meta' / f'{split}.txt').write_text(''.join(lines))
-    info = dict(root='imagenet', seed=int(seed), image_size=[int(image_size)] * 2,
-                per_class={s: int(n) for s, n in per_class.items()},
-                num_images={s: int(n) * len(CLASSES) for s, n in per_class.items()})
-    _update_info(out_dir, 'imagenet', info)
-    return info
+        output.write('imagenet', f'imagenet/meta/{split}.txt', ''.join(lines).encode())
+    return dict(root='imagenet', seed=seed, image_size=[image_size] * 2,
+                per_class=dict(per_class),
+                num_images={s: n * len(CLASSES) for s, n in per_class.items()})
 
 
 class _CocoWriter:
     """Accumulates one COCO split and writes its images as they come."""
 
-    def __init__(self, root: Path, split: str) -> None:
+    def __init__(self, output: _Output, split: str) -> None:
+        self.output = output
         self.split = split
-        self.image_dir = root / f'{split}2017'
-        self.image_dir.mkdir(parents=True)
-        self.json_path = root / 'annotations' / f'instances_{split}2017.json'
-        self.json_path.parent.mkdir(parents=True, exist_ok=True)
         self.images: List[dict] = []
         self.annotations: List[dict] = []
 
     def add(self, image_id: int, scene: Scene, jpeg: bytes) -> None:
         """Write one image and record its objects."""
         file_name = f'{image_id:012d}.jpg'
-        (self.image_dir / file_name).write_bytes(jpeg)
+        self.output.write('coco', f'coco/{self.split}2017/{file_name}', jpeg)
         self.images.append(dict(id=image_id, file_name=file_name, height=scene.height,
                                 width=scene.width))
         for index, label in enumerate(scene.labels):
@@ -761,7 +861,7 @@ class _CocoWriter:
             self.annotations.append(dict(
                 id=len(self.annotations) + 1, image_id=image_id, category_id=label + 1,
                 bbox=tight_bbox(mask), area=float(mask.sum()), iscrowd=0,
-                segmentation=mask_to_polygons(mask)))
+                segmentation=mask_to_rle(mask)))
 
     def close(self) -> dict:
         """Write the annotation file; return the split's counts."""
@@ -773,78 +873,180 @@ class _CocoWriter:
             annotations=self.annotations,
             categories=[dict(id=i + 1, name=name, supercategory='shape')
                         for i, name in enumerate(CLASSES)])
-        self.json_path.write_text(json.dumps(content, separators=(',', ':')))
+        self.output.write('coco', f'coco/annotations/instances_{self.split}2017.json',
+                          json.dumps(content, separators=(',', ':')).encode())
         return dict(images=len(self.images), annotations=len(self.annotations))
 
 
 class _VocWriter:
     """Writes one VOC segmentation split."""
 
-    def __init__(self, root: Path, split: str, ignore_radius: int) -> None:
+    def __init__(self, output: _Output, split: str, ignore_radius: int) -> None:
+        self.output = output
         self.split = split
         self.ignore_radius = ignore_radius
-        self.image_dir = root / 'JPEGImages'
-        self.label_dir = root / 'SegmentationClass'
-        self.list_path = root / 'ImageSets' / 'Segmentation' / f'{split}.txt'
-        for folder in (self.image_dir, self.label_dir, self.list_path.parent):
-            folder.mkdir(parents=True, exist_ok=True)
         self.names: List[str] = []
 
     def add(self, image_id: int, scene: Scene, jpeg: bytes) -> None:
         """Write one image and its label PNG."""
         name = f'{image_id:012d}'
-        (self.image_dir / f'{name}.jpg').write_bytes(jpeg)
-        (self.label_dir / f'{name}.png').write_bytes(
-            _encode_label_png(scene.semantic_map(self.ignore_radius)))
+        self.output.write('voc', f'{VOC_DIR}/JPEGImages/{name}.jpg', jpeg)
+        self.output.write('voc', f'{VOC_DIR}/SegmentationClass/{name}.png',
+                          _encode_label_png(scene.semantic_map(self.ignore_radius)))
         self.names.append(name)
 
     def close(self) -> dict:
         """Write the split's image list; return its counts."""
-        self.list_path.write_text(''.join(f'{name}\n' for name in self.names))
+        self.output.write('voc', f'{VOC_DIR}/ImageSets/Segmentation/{self.split}.txt',
+                          ''.join(f'{name}\n' for name in self.names).encode())
         return dict(images=len(self.names))
 
 
-def _write_scene_sets(out_dir: Path, tasks: Sequence[str], num_train: int, num_val: int,
+def _write_scene_sets(output: _Output, tasks: Sequence[str], counts: Dict[str, int],
                       image_size: Tuple[int, int], max_objects: int, seed: int,
                       ignore_radius: int) -> Dict[str, dict]:
     """Render each scene once and hand it to every requested format."""
-    roots = {}
-    if 'coco' in tasks:
-        roots['coco'] = _prepare_task_dir(out_dir / 'coco')
-    if 'voc' in tasks:
-        roots['voc'] = _prepare_task_dir(out_dir / 'VOCdevkit') / 'VOC2012'
-    counts: Dict[str, dict] = {task: {} for task in roots}
-    for split, total in (('train', num_train), ('val', num_val)):
+    summary: Dict[str, dict] = {task: {} for task in tasks}
+    for split in SPLITS:
         writers = []
-        if 'coco' in roots:
-            writers.append(('coco', _CocoWriter(roots['coco'], split)))
-        if 'voc' in roots:
-            writers.append(('voc', _VocWriter(roots['voc'], split, ignore_radius)))
+        if 'coco' in tasks:
+            writers.append(('coco', _CocoWriter(output, split)))
+        if 'voc' in tasks:
+            writers.append(('voc', _VocWriter(output, split, ignore_radius)))
         objects = 0
-        for index in range(total):
+        for index, image_id in enumerate(_scene_ids(split, counts[split])):
             scene = detection_scene(seed, split, index, image_size, max_objects)
             objects += len(scene.labels)
             jpeg = _encode_jpeg(scene.image)
             for _, writer in writers:
-                writer.add(_ID_OFFSETS[split] + index, scene, jpeg)
+                writer.add(image_id, scene, jpeg)
         for task, writer in writers:
-            counts[task][split] = dict(writer.close(), objects=objects)
-    infos = {}
-    for task in roots:
-        infos[task] = dict(root='coco' if task == 'coco' else 'VOCdevkit/VOC2012', seed=int(seed),
-                           image_size_range=list(image_size), max_objects=int(max_objects),
-                           splits=counts[task])
+            summary[task][split] = dict(writer.close(), objects=objects)
+    entries = {}
+    for task in tasks:
+        entries[task] = dict(root='coco' if task == 'coco' else VOC_DIR, seed=seed,
+                             image_size_range=list(image_size), max_objects=max_objects,
+                             splits=summary[task])
         if task == 'voc':
-            infos[task]['ignore_radius'] = int(ignore_radius)
-        _update_info(out_dir, task, infos[task])
-    return infos
+            entries[task]['ignore_radius'] = ignore_radius
+    return entries
+
+
+# --------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------
+def generate_all(out_dir: str | Path, tasks: Iterable[str] = TASKS,
+                 num_train: int = DEFAULT_NUM_TRAIN, num_val: int = DEFAULT_NUM_VAL,
+                 image_size: Sequence[int] = DEFAULT_SCENE_SIZE,
+                 cls_num_train: int = DEFAULT_CLS_TRAIN_PER_CLASS,
+                 cls_num_val: int = DEFAULT_CLS_VAL_PER_CLASS,
+                 cls_image_size: int = DEFAULT_CLS_SIZE,
+                 max_objects: int = DEFAULT_MAX_OBJECTS, seed: int = DEFAULT_SEED,
+                 ignore_radius: int = DEFAULT_IGNORE_RADIUS, dry_run: bool = False) -> dict:
+    """Write the requested data sets under ``out_dir``.
+
+    COCO and VOC are rendered in one pass over the same scenes. Every
+    argument and every file in the way is checked before anything is
+    written. The run writes only the files it plans (listed with their
+    hashes in ``dataset_info.json``); regenerating replaces or deletes only
+    files an earlier run listed there and that are unchanged since. Anything
+    else in the output folder is left alone, and a file in the way is an
+    error.
+
+    Args:
+        out_dir: Output root; ``dataset_info.json`` goes there.
+        tasks: Any of ``'imagenet'``, ``'coco'``, ``'voc'``.
+        num_train: COCO / VOC training images.
+        num_val: COCO / VOC validation images.
+        image_size: COCO / VOC inclusive ``(min, max)`` side range (or one side).
+        cls_num_train: ImageNet training images per class.
+        cls_num_val: ImageNet validation images per class.
+        cls_image_size: ImageNet image side.
+        max_objects: Most objects per COCO / VOC image.
+        seed: Base seed (>= 0).
+        ignore_radius: VOC ignore band half-width (0, 1 or 2).
+        dry_run: Only check the arguments and the output folder; write nothing.
+
+    Returns:
+        The content of ``dataset_info.json`` (with ``dry_run``: ``{'files':
+        {task: [paths the run would write]}}``).
+
+    Raises:
+        ValueError: For an argument out of range (nothing written).
+        FileExistsError: If a file or folder this run would replace was not
+            written by this generator (nothing written).
+    """
+    tasks = _check_tasks(tasks)
+    seed = _check_int('seed', seed, 0)
+    out_dir = _check_out_dir(out_dir)
+    planned: Dict[str, List[str]] = {}
+    if 'imagenet' in tasks:
+        per_class = dict(train=_check_int('cls_num_train', cls_num_train, 1, MAX_PER_CLASS),
+                         val=_check_int('cls_num_val', cls_num_val, 1, MAX_PER_CLASS))
+        cls_size = _check_int('cls_image_size', cls_image_size, MIN_SIDE, MAX_SIDE)
+        planned['imagenet'] = _imagenet_files(per_class)
+    scene_tasks = [task for task in tasks if task in ('coco', 'voc')]
+    if scene_tasks:
+        counts = _check_counts(num_train=num_train, num_val=num_val)
+        counts = dict(train=counts['num_train'], val=counts['num_val'])
+        size_range = _check_size_range(image_size)
+        max_objects = _check_int('max_objects', max_objects, 1, MAX_OBJECTS)
+        if 'voc' in scene_tasks:
+            # Scenes guarantee object cores only two pixels deep.
+            ignore_radius = _check_int('ignore_radius', ignore_radius, 0, 2)
+        if 'coco' in scene_tasks:
+            planned['coco'] = _coco_files(counts)
+        if 'voc' in scene_tasks:
+            planned['voc'] = _voc_files(counts)
+    info = _read_info(out_dir)
+    _check_replaceable(out_dir, planned, info)
+    if dry_run:
+        return dict(files=planned)
+
+    output = _Output(out_dir, planned, info)
+    output.begin()
+    entries = {}
+    if 'imagenet' in planned:
+        entries['imagenet'] = _write_imagenet(output, per_class, cls_size, seed)
+    if scene_tasks:
+        entries.update(_write_scene_sets(output, scene_tasks, counts, size_range, max_objects,
+                                         seed, ignore_radius))
+    return output.finish(entries)
+
+
+def generate_imagenet(out_dir: str | Path, num_train_per_class: int = DEFAULT_CLS_TRAIN_PER_CLASS,
+                      num_val_per_class: int = DEFAULT_CLS_VAL_PER_CLASS,
+                      image_size: int = DEFAULT_CLS_SIZE, seed: int = DEFAULT_SEED) -> dict:
+    """Write an ImageNet-style classification set to ``out_dir/imagenet``.
+
+    Layout: ``{train,val}/<class>/<class>_<i>.JPEG``, ``meta/{train,val}.txt``
+    with lines ``<class>/<file> <label>`` relative to the split folder (what
+    mmpretrain's ``ImageNet(split=...)`` reads), and ``classes.txt``. What
+    may be replaced: see :func:`generate_all`.
+
+    Args:
+        out_dir: Output root.
+        num_train_per_class: Training images per class.
+        num_val_per_class: Validation images per class.
+        image_size: Side of the square images.
+        seed: Base seed.
+
+    Returns:
+        The task's entry of ``dataset_info.json``.
+    """
+    info = generate_all(out_dir, ['imagenet'], cls_num_train=num_train_per_class,
+                        cls_num_val=num_val_per_class, cls_image_size=image_size, seed=seed)
+    return info['tasks']['imagenet']
 
 
 def generate_coco(out_dir: str | Path, num_train: int = DEFAULT_NUM_TRAIN,
                   num_val: int = DEFAULT_NUM_VAL,
-                  image_size: Tuple[int, int] = DEFAULT_SCENE_SIZE,
+                  image_size: Sequence[int] = DEFAULT_SCENE_SIZE,
                   max_objects: int = DEFAULT_MAX_OBJECTS, seed: int = DEFAULT_SEED) -> dict:
     """Write a COCO-format detection / instance segmentation set to ``out_dir/coco``.
+
+    Instance masks are compressed RLE (:func:`mask_to_rle`). What may be
+    replaced: see :func:`generate_all`.
 
     Args:
         out_dir: Output root.
@@ -857,17 +1059,19 @@ def generate_coco(out_dir: str | Path, num_train: int = DEFAULT_NUM_TRAIN,
     Returns:
         The task's entry of ``dataset_info.json``.
     """
-    _check_counts(num_train=num_train, num_val=num_val, max_objects=max_objects)
-    return _write_scene_sets(Path(out_dir), ['coco'], num_train, num_val,
-                             _check_size_range(image_size), max_objects, seed, 0)['coco']
+    info = generate_all(out_dir, ['coco'], num_train=num_train, num_val=num_val,
+                        image_size=image_size, max_objects=max_objects, seed=seed)
+    return info['tasks']['coco']
 
 
 def generate_voc(out_dir: str | Path, num_train: int = DEFAULT_NUM_TRAIN,
                  num_val: int = DEFAULT_NUM_VAL,
-                 image_size: Tuple[int, int] = DEFAULT_SCENE_SIZE,
+                 image_size: Sequence[int] = DEFAULT_SCENE_SIZE,
                  max_objects: int = DEFAULT_MAX_OBJECTS, seed: int = DEFAULT_SEED,
                  ignore_radius: int = DEFAULT_IGNORE_RADIUS) -> dict:
     """Write a VOC-format semantic segmentation set to ``out_dir/VOCdevkit/VOC2012``.
+
+    What may be replaced: see :func:`generate_all`.
 
     Args:
         out_dir: Output root.
@@ -881,108 +1085,56 @@ def generate_voc(out_dir: str | Path, num_train: int = DEFAULT_NUM_TRAIN,
     Returns:
         The task's entry of ``dataset_info.json``.
     """
-    _check_counts(num_train=num_train, num_val=num_val, max_objects=max_objects)
-    if not 0 <= ignore_radius <= 2:
-        # Scenes guarantee object cores only two pixels deep.
-        raise ValueError(f'ignore_radius must be in [0, 2], got {ignore_radius}')
-    return _write_scene_sets(Path(out_dir), ['voc'], num_train, num_val,
-                             _check_size_range(image_size), max_objects, seed,
-                             ignore_radius)['voc']
-
-
-def generate_all(out_dir: str | Path, tasks: Iterable[str] = ('imagenet', 'coco', 'voc'),
-                 num_train: int = DEFAULT_NUM_TRAIN, num_val: int = DEFAULT_NUM_VAL,
-                 image_size: Tuple[int, int] = DEFAULT_SCENE_SIZE,
-                 cls_num_train: int = DEFAULT_CLS_TRAIN_PER_CLASS,
-                 cls_num_val: int = DEFAULT_CLS_VAL_PER_CLASS,
-                 cls_image_size: int = DEFAULT_CLS_SIZE,
-                 max_objects: int = DEFAULT_MAX_OBJECTS, seed: int = DEFAULT_SEED,
-                 ignore_radius: int = DEFAULT_IGNORE_RADIUS) -> dict:
-    """Write the requested data sets under ``out_dir``.
-
-    COCO and VOC are rendered in one pass over the same scenes.
-
-    Args:
-        out_dir: Output root; ``dataset_info.json`` goes there.
-        tasks: Any of ``'imagenet'``, ``'coco'``, ``'voc'``.
-        num_train: COCO / VOC training images.
-        num_val: COCO / VOC validation images.
-        image_size: COCO / VOC inclusive ``(min, max)`` side range.
-        cls_num_train: ImageNet training images per class.
-        cls_num_val: ImageNet validation images per class.
-        cls_image_size: ImageNet image side.
-        max_objects: Most objects per COCO / VOC image.
-        seed: Base seed.
-        ignore_radius: VOC ignore band half-width.
-
-    Returns:
-        The content of ``dataset_info.json``.
-    """
-    tasks = list(dict.fromkeys(tasks))
-    unknown = set(tasks) - {'imagenet', 'coco', 'voc'}
-    if unknown:
-        raise ValueError(f'unknown tasks {sorted(unknown)}')
-    out_dir = Path(out_dir)
-    if 'imagenet' in tasks:
-        generate_imagenet(out_dir, cls_num_train, cls_num_val, cls_image_size, seed)
-    scene_tasks = [task for task in tasks if task in ('coco', 'voc')]
-    if scene_tasks:
-        _check_counts(num_train=num_train, num_val=num_val, max_objects=max_objects)
-        if not 0 <= ignore_radius <= 2:
-            raise ValueError(f'ignore_radius must be in [0, 2], got {ignore_radius}')
-        _write_scene_sets(out_dir, scene_tasks, num_train, num_val, _check_size_range(image_size),
-                          max_objects, seed, ignore_radius)
-    return json.loads((out_dir / INFO_FILE).read_text())
-
-
-def _update_info(out_dir: str | Path, task: str, entry: dict) -> None:
-    """Merge one task's entry into ``dataset_info.json`` (sorted, so stable)."""
-    path = Path(out_dir) / INFO_FILE
-    info = json.loads(path.read_text()) if path.is_file() else {}
-    if info.get('generator') != GENERATOR:
-        info = {}
-    info.update(generator=GENERATOR, classes=list(CLASSES), seg_classes=list(SEG_CLASSES),
-                palette=PALETTE, seg_palette=SEG_PALETTE, ignore_index=IGNORE_INDEX,
-                class_hues=list(CLASS_HUES))
-    info.setdefault('tasks', {})[task] = entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(info, indent=2, sort_keys=True) + '\n')
+    info = generate_all(out_dir, ['voc'], num_train=num_train, num_val=num_val,
+                        image_size=image_size, max_objects=max_objects, seed=seed,
+                        ignore_radius=ignore_radius)
+    return info['tasks']['voc']
 
 
 # --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    """Parse the command line (``sys.argv[1:]`` when ``argv`` is None)."""
-    parser = argparse.ArgumentParser(
+    """Parse and check the command line (``sys.argv[1:]`` when ``argv`` is None).
+
+    Every value is checked here, before anything is written; a mistake is
+    one line on stderr and exit status 2.
+    """
+    from sar_backbones.utils.cli import ArgumentParser, count_between, int_in
+    parser = ArgumentParser(
         prog='sar-make-data', description=__doc__.split('\n\n')[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--out', default='data/demo', help='output root')
     parser.add_argument('--task', nargs='+', default=['all'],
-                        choices=['all', 'imagenet', 'coco', 'voc'], help='data sets to write')
-    parser.add_argument('--num-train', type=int, default=DEFAULT_NUM_TRAIN,
+                        choices=['all', *TASKS], help='data sets to write')
+    scenes, per_class = int_in(1, MAX_SCENES), int_in(1, MAX_PER_CLASS)
+    parser.add_argument('--num-train', type=scenes, default=DEFAULT_NUM_TRAIN,
                         help='COCO / VOC training images')
-    parser.add_argument('--num-val', type=int, default=DEFAULT_NUM_VAL,
+    parser.add_argument('--num-val', type=scenes, default=DEFAULT_NUM_VAL,
                         help='COCO / VOC validation images')
-    parser.add_argument('--image-size', type=int, nargs='+', default=list(DEFAULT_SCENE_SIZE),
+    parser.add_argument('--image-size', type=int_in(MIN_SIDE, MAX_SIDE), nargs='+',
+                        action=count_between(1, 2), default=list(DEFAULT_SCENE_SIZE),
                         metavar='SIDE', help='COCO / VOC side: one value, or MIN MAX for '
                         'sides drawn per image')
-    parser.add_argument('--cls-num-train', type=int, default=DEFAULT_CLS_TRAIN_PER_CLASS,
+    parser.add_argument('--cls-num-train', type=per_class, default=DEFAULT_CLS_TRAIN_PER_CLASS,
                         help='ImageNet training images per class')
-    parser.add_argument('--cls-num-val', type=int, default=DEFAULT_CLS_VAL_PER_CLASS,
+    parser.add_argument('--cls-num-val', type=per_class, default=DEFAULT_CLS_VAL_PER_CLASS,
                         help='ImageNet validation images per class')
-    parser.add_argument('--cls-image-size', type=int, default=DEFAULT_CLS_SIZE,
-                        help='ImageNet image side')
-    parser.add_argument('--max-objects', type=int, default=DEFAULT_MAX_OBJECTS,
+    parser.add_argument('--cls-image-size', type=int_in(MIN_SIDE, MAX_SIDE),
+                        default=DEFAULT_CLS_SIZE, help='ImageNet image side')
+    parser.add_argument('--max-objects', type=int_in(1, MAX_OBJECTS), default=DEFAULT_MAX_OBJECTS,
                         help='most objects per COCO / VOC image')
-    parser.add_argument('--ignore-radius', type=int, default=DEFAULT_IGNORE_RADIUS,
-                        choices=[0, 1, 2], help='VOC: half-width of the 255 boundary band')
-    parser.add_argument('--seed', type=int, default=DEFAULT_SEED, help='base random seed (>= 0)')
+    parser.add_argument('--ignore-radius', type=int_in(0, 2), default=DEFAULT_IGNORE_RADIUS,
+                        help='VOC: half-width of the 255 boundary band (0, 1 or 2)')
+    parser.add_argument('--seed', type=int_in(0), default=DEFAULT_SEED,
+                        help='base random seed (>= 0)')
     args = parser.parse_args(argv)
-    if len(args.image_size) > 2:
-        parser.error('--image-size takes one or two values')
-    if args.seed < 0:
-        parser.error('--seed must be non-negative')
+    if args.image_size[0] > args.image_size[-1]:
+        parser.error(f'argument --image-size: MIN must not exceed MAX, got {args.image_size}')
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f'argument --out: {out} exists and is not a directory')
+    args.task = list(TASKS) if 'all' in args.task else list(dict.fromkeys(args.task))
     return args
 
 
@@ -993,21 +1145,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv: Arguments without the program name; None reads ``sys.argv``.
 
     Returns:
-        0 on success, 2 when the arguments or the output folder are unusable.
+        0 on success, 2 when the arguments or the output folder are unusable
+        (one line on stderr, nothing written), 1 when writing fails.
     """
     args = _parse_args(argv)
-    tasks = ['imagenet', 'coco', 'voc'] if 'all' in args.task else args.task
     start = time.perf_counter()
     try:
-        info = generate_all(args.out, tasks, args.num_train, args.num_val,
+        info = generate_all(args.out, args.task, args.num_train, args.num_val,
                             (args.image_size[0], args.image_size[-1]), args.cls_num_train,
                             args.cls_num_val, args.cls_image_size, args.max_objects, args.seed,
                             args.ignore_radius)
     except (ValueError, FileExistsError) as error:
-        print(f'error: {error}', file=sys.stderr)
+        print(f'sar-make-data: error: {error}', file=sys.stderr)
         return 2
+    except OSError as error:
+        print(f'sar-make-data: error: writing {args.out} failed: {error}', file=sys.stderr)
+        return 1
     elapsed = time.perf_counter() - start
-    for task in tasks:
+    for task in args.task:
         entry = info['tasks'][task]
         if task == 'imagenet':
             counts = ', '.join(f'{s} {n} images' for s, n in entry['num_images'].items())

@@ -72,26 +72,23 @@ def test_images_do_not_depend_on_counts(tmp_path: Path) -> None:
             assert path.read_bytes() == (tmp_path / 'b' / folder / path.name).read_bytes()
 
 
-# ---------------------------------------------------------------- polygons
-def test_polygons_rasterise_back_to_the_mask() -> None:
+# ---------------------------------------------------------------- masks
+def test_rle_masks_decode_to_the_mask() -> None:
     from pycocotools import mask as mask_utils
     rng = np.random.default_rng(0)
-    masks = [rng.random(tuple(rng.integers(4, 30, size=2))) < 0.5 for _ in range(200)]
+    masks = [rng.random(tuple(rng.integers(4, 30, size=2))) < 0.5 for _ in range(50)]
     ring = np.zeros((12, 12), bool)
     ring[2:10, 2:10] = True
     ring[4:8, 4:8] = False
     ring[5:7, 5:7] = True  # island inside the hole
     pinch = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 1]], bool)  # only diagonal contacts
     for mask in masks + [ring, pinch, np.ones((5, 7), bool)]:
-        if not mask.any():
-            continue
-        polygons = gen.mask_to_polygons(mask)
-        assert all(len(p) >= 6 and len(p) % 2 == 0 for p in polygons)
-        rles = mask_utils.frPyObjects(polygons, *mask.shape)
-        decoded = mask_utils.decode(mask_utils.merge(rles)).astype(bool)
-        np.testing.assert_array_equal(decoded, mask)
-    # 4-connectivity: the pinch is five separate squares.
-    assert len(gen.mask_to_polygons(pinch)) == 5
+        rle = gen.mask_to_rle(mask)
+        assert rle['size'] == list(mask.shape) and isinstance(rle['counts'], str)
+        # Plain JSON survives a round trip, and pycocotools decodes it exactly.
+        again = json.loads(json.dumps(rle))
+        np.testing.assert_array_equal(mask_utils.decode(again).astype(bool), mask)
+        assert mask_utils.area(again) == mask.sum()
 
 
 def test_tight_bbox_uses_pixel_corners() -> None:
@@ -240,9 +237,23 @@ def test_mmdet_coco_dataset_loads(data_root: Path, coco_train) -> None:
     np.testing.assert_array_equal(sample['gt_bboxes_labels'], [a['category_id'] - 1 for a in anns])
     assert not sample['gt_ignore_flags'].any()
     masks = sample['gt_masks'].to_ndarray().astype(bool)
-    for mask, ann in zip(masks, anns):
+    scene = gen.detection_scene(0, 'train', image_id - gen._ID_OFFSETS['train'],
+                                SMALL['image_size'])
+    assert len(masks) == len(scene.labels)
+    for index, (mask, ann) in enumerate(zip(masks, anns)):
         np.testing.assert_array_equal(mask, coco_train.annToMask(ann).astype(bool))
+        np.testing.assert_array_equal(mask, scene.object_mask(index))
     assert sample['img'].shape[:2] == masks.shape[1:]
+    # Boxes only (the demo detector's pipeline): the RLE masks are not needed.
+    boxes_only = CocoDataset(
+        data_root=str(data_root / 'coco'), ann_file='annotations/instances_train2017.json',
+        data_prefix=dict(img='train2017/'), metainfo=dict(classes=gen.CLASSES),
+        pipeline=[dict(type='LoadImageFromFile'),
+                  dict(type='mmdet.LoadAnnotations', with_bbox=True, with_mask=False)])
+    plain = boxes_only[0]
+    assert plain['img_id'] == image_id and 'gt_masks' not in plain
+    np.testing.assert_allclose(plain['gt_bboxes'].tensor.numpy(), boxes)
+    assert not plain['gt_ignore_flags'].any()
 
 
 def _seg_pipeline() -> list:
@@ -325,18 +336,161 @@ def test_rerun_replaces_own_output_but_never_foreign_data(tmp_path: Path) -> Non
     foreign = tmp_path / 'real'
     (foreign / 'coco').mkdir(parents=True)
     (foreign / 'coco' / 'keep.txt').write_text('real data')
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match='keep|coco'):
         gen.generate_coco(foreign, num_train=1, num_val=1, image_size=(64, 64))
     assert (foreign / 'coco' / 'keep.txt').read_text() == 'real data'
+    assert _tree_bytes(foreign) == {'coco/keep.txt': b'real data'}
     assert gen.main(['--out', str(foreign), '--task', 'coco', '--num-train', '1']) == 2
 
 
-def test_invalid_arguments_are_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ValueError):
-        gen.generate_coco(tmp_path, num_train=0)
-    with pytest.raises(ValueError):
-        gen.generate_voc(tmp_path, image_size=(100, 50))
-    with pytest.raises(ValueError):
-        gen.generate_all(tmp_path, tasks=['cityscapes'])
-    with pytest.raises(SystemExit):
-        gen.main(['--image-size', '64', '96', '128'])
+TINY_CLS = dict(tasks=['imagenet'], cls_num_train=2, cls_num_val=1, cls_image_size=32)
+
+
+def test_manifest_lists_exactly_the_written_files(tmp_path: Path) -> None:
+    import hashlib
+    info = json.loads((_generate(tmp_path) / gen.INFO_FILE).read_text())
+    written = set(_tree_bytes(tmp_path)) - {gen.INFO_FILE}
+    listed = {path for files in info['files'].values() for path in files}
+    assert listed == written
+    for files in info['files'].values():
+        for path, digest in files.items():
+            assert hashlib.sha256((tmp_path / path).read_bytes()).hexdigest()[:16] == digest
+
+
+def test_user_file_in_a_generated_folder_survives_regeneration(tmp_path: Path) -> None:
+    gen.generate_all(tmp_path, **TINY_CLS)
+    gen.generate_coco(tmp_path, num_train=3, num_val=1, image_size=(64, 64))
+    notes = {'imagenet/train/circle/notes.txt': b'mine', 'imagenet/my_split.txt': b'x 1\n',
+             'coco/train2017/README': b'keep', 'coco/annotations/extra.json': b'{}',
+             'imagenet/mine/deep/file.bin': b'\x00'}
+    for relative, data in notes.items():
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_bytes(data)
+    # Fewer images: stale generated files go, the user's stay.
+    gen.generate_all(tmp_path, **{**TINY_CLS, 'cls_num_train': 1})
+    gen.generate_coco(tmp_path, num_train=1, num_val=1, image_size=(64, 64))
+    tree = _tree_bytes(tmp_path)
+    for relative, data in notes.items():
+        assert tree[relative] == data
+    assert len(list((tmp_path / 'coco/train2017').glob('*.jpg'))) == 1
+    assert len(list((tmp_path / 'imagenet/train').rglob('*.JPEG'))) == len(gen.CLASSES)
+    # The same content as a fresh run, plus the user's files.
+    fresh = tmp_path / 'fresh'
+    gen.generate_all(fresh, **{**TINY_CLS, 'cls_num_train': 1})
+    gen.generate_coco(fresh, num_train=1, num_val=1, image_size=(64, 64))
+    expected = _tree_bytes(fresh)
+    mine = {k: v for k, v in tree.items() if k not in notes and not k.startswith('fresh/')}
+    assert mine == expected
+
+
+def test_foreign_dataset_info_is_refused_and_untouched(tmp_path: Path) -> None:
+    for content in ('{"generator": "someone else", "tasks": {}}', 'not json', '[1, 2]'):
+        (tmp_path / gen.INFO_FILE).write_text(content)
+        with pytest.raises(FileExistsError, match=gen.INFO_FILE):
+            gen.generate_all(tmp_path, **TINY_CLS)
+        assert _tree_bytes(tmp_path) == {gen.INFO_FILE: content.encode()}
+
+
+@pytest.mark.parametrize('relative', ['imagenet/train/circle/circle_00000.JPEG',
+                                      'imagenet/classes.txt', 'imagenet/meta/val.txt'])
+def test_modified_generated_file_is_never_replaced(tmp_path: Path, relative: str) -> None:
+    gen.generate_all(tmp_path, **TINY_CLS)
+    (tmp_path / relative).write_bytes(b'edited by the user')
+    before = _tree_bytes(tmp_path)
+    with pytest.raises(FileExistsError, match='modified'):
+        gen.generate_all(tmp_path, **TINY_CLS)
+    assert _tree_bytes(tmp_path) == before
+
+
+def test_file_in_the_way_is_refused_before_writing(tmp_path: Path) -> None:
+    gen.generate_all(tmp_path, **TINY_CLS)
+    # More images would write circle_00002.JPEG, which the user put there.
+    (tmp_path / 'imagenet/train/circle/circle_00002.JPEG').write_bytes(b'user image')
+    # A file where the generator needs a folder.
+    before = _tree_bytes(tmp_path)
+    with pytest.raises(FileExistsError, match='circle_00002'):
+        gen.generate_all(tmp_path, **{**TINY_CLS, 'cls_num_train': 3})
+    assert _tree_bytes(tmp_path) == before
+    (tmp_path / 'coco').write_text('a file, not a folder')
+    with pytest.raises(FileExistsError, match='coco'):
+        gen.generate_coco(tmp_path, num_train=1, num_val=1, image_size=(64, 64))
+    assert (tmp_path / 'coco').read_text() == 'a file, not a folder'
+
+
+def test_output_path_that_is_a_file_is_refused(tmp_path: Path, capsys) -> None:
+    target = tmp_path / 'file'
+    target.write_text('x')
+    with pytest.raises(FileExistsError):
+        gen.generate_all(target, **TINY_CLS)
+    with pytest.raises(FileExistsError):
+        gen.generate_all(target / 'below', **TINY_CLS)
+    with pytest.raises(SystemExit) as exit_info:
+        gen.main(['--out', str(target), '--task', 'imagenet'])
+    assert exit_info.value.code == 2
+    assert '--out' in capsys.readouterr().err
+    assert gen.main(['--out', str(target / 'below'), '--task', 'imagenet']) == 2
+    assert 'is a file' in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ['file'] and target.read_text() == 'x'
+
+
+BAD_API_ARGUMENTS = [
+    dict(num_train=0), dict(num_val=-1), dict(num_train=2.0), dict(num_train=True),
+    dict(num_train=gen.MAX_SCENES + 1), dict(image_size=(100, 50)), dict(image_size=(16, 64)),
+    dict(image_size=(64, 80, 96)), dict(image_size=()), dict(image_size=64),
+    dict(image_size=(64.0, 96)), dict(image_size=(64, 100000)), dict(max_objects=0),
+    dict(max_objects=float('nan')), dict(ignore_radius=3), dict(ignore_radius=-1),
+    dict(seed=-1), dict(seed=1.5), dict(cls_num_train=0), dict(cls_num_val=-3),
+    dict(cls_image_size=31), dict(cls_image_size=float('inf')), dict(tasks=['cityscapes']),
+    dict(tasks=[]),
+]
+
+
+@pytest.mark.parametrize('bad', BAD_API_ARGUMENTS, ids=lambda bad: repr(bad))
+def test_invalid_arguments_are_rejected_before_writing(tmp_path: Path, bad: dict) -> None:
+    gen.generate_all(tmp_path, **TINY_CLS)
+    before = _tree_bytes(tmp_path)
+    arguments = dict(tasks=['imagenet', 'coco', 'voc'], num_train=1, num_val=1,
+                     image_size=(64, 64), cls_num_train=1, cls_num_val=1, cls_image_size=32)
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name if name != 'tasks' else 'tasks'):
+        gen.generate_all(tmp_path, **{**arguments, **bad})
+    assert _tree_bytes(tmp_path) == before
+
+
+BAD_CLI_ARGUMENTS = [
+    (['--num-train', '0'], '--num-train'), (['--num-train', '-1'], '--num-train'),
+    (['--num-val', '2.5'], '--num-val'), (['--num-val', 'nan'], '--num-val'),
+    (['--image-size', '64', '96', '128'], '--image-size'),
+    (['--image-size', '96', '64'], '--image-size'), (['--image-size', '-64'], '--image-size'),
+    (['--image-size', '16'], '--image-size'), (['--cls-num-train', '0'], '--cls-num-train'),
+    (['--cls-num-val', '1e3'], '--cls-num-val'), (['--cls-image-size', '8'], '--cls-image-size'),
+    (['--max-objects', '0'], '--max-objects'), (['--ignore-radius', '3'], '--ignore-radius'),
+    (['--seed', '-1'], '--seed'), (['--seed', 'inf'], '--seed'),
+    (['--task', 'cityscapes'], '--task'),
+]
+
+
+@pytest.mark.parametrize('argv,option', BAD_CLI_ARGUMENTS, ids=lambda v: ' '.join(v)
+                         if isinstance(v, list) else v)
+def test_cli_rejects_bad_arguments_with_one_line(tmp_path: Path, capsys, argv, option) -> None:
+    gen.generate_all(tmp_path, **TINY_CLS)
+    before = _tree_bytes(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        gen.main(['--out', str(tmp_path), *argv])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and option in lines[0] and 'Traceback' not in captured.err
+    assert _tree_bytes(tmp_path) == before
+
+
+def test_cli_ownership_errors_are_one_line_in_a_real_process(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    (tmp_path / gen.INFO_FILE).write_text('{"generator": "elsewhere"}')
+    proc = subprocess.run([sys.executable, '-m', 'sar_backbones.datasets.generate', '--out',
+                           str(tmp_path), '--task', 'imagenet', '--cls-num-train', '1'],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ''
+    assert len(proc.stderr.strip().splitlines()) == 1 and gen.INFO_FILE in proc.stderr
+    assert _tree_bytes(tmp_path) == {gen.INFO_FILE: b'{"generator": "elsewhere"}'}

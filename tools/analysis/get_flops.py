@@ -35,47 +35,81 @@ from sar_backbones.analysis.flops_stats import (assumed_rate_complexity, dataloa
                                                 plot_rate_flops_histogram, rate_statistics)
 from sar_backbones.analysis.latency import TorchvisionBackbone
 from sar_backbones.analysis.presets import load_model
+from sar_backbones.utils.cli import (ArgumentParser, check_inputs_exist, check_no_overlap,
+                                     check_output_file, count_between, float_in, image_side,
+                                     int_in, positive_int)
 
 DEFAULT_SHAPES = {'classifier': (224, 224), 'preset': (224, 224), 'detector': (800, 1333),
                   'segmentor': (512, 512), 'unknown': (224, 224)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Parse and check the command line; a mistake exits 2 with one line naming the argument."""
+    p = ArgumentParser(description=__doc__.split('\n\n')[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('config', nargs='?', help='config file (or use --preset)')
     p.add_argument('--preset', help='backbone preset, e.g. sar-resnet50-g2s2a2b1[-t0.5]')
     p.add_argument('--checkpoint', help='trained weights (whole model or backbone only)')
-    p.add_argument('--shape', type=int, nargs='+', default=None,
+    p.add_argument('--shape', type=image_side, nargs='+',
+                   action=count_between(1, 2), default=None, metavar='SIDE',
                    help='input H [W]; default 224 (classifier/preset), 800 1333 (detector), '
                         '512 (segmentor)')
-    p.add_argument('--patch-size', type=int, nargs=3, default=None,
+    p.add_argument('--patch-size', type=positive_int, nargs=3, default=None,
                    help='preset only: fixed patch size per SAR stage instead of the 14/7/2 grid')
-    p.add_argument('--rate', type=float, nargs='+', default=None,
-                   help='assumed activation rate(s); default: 1.0 and the target rate')
+    p.add_argument('--rate', type=float_in(0.0, 1.0), nargs='+', default=None,
+                   help='assumed activation rate(s) in [0, 1]; default: 1.0 and the target rate')
     p.add_argument('--images', help='measure rates on the images of this folder (or file)')
     p.add_argument('--dataloader', action='store_true',
                    help="measure rates on the config's test dataloader")
     p.add_argument('--split', default='test', choices=['test', 'val', 'train'],
                    help='which dataloader of the config for --dataloader')
-    p.add_argument('--num-images', type=int, default=None, help='images to measure (default all)')
+    p.add_argument('--num-images', type=positive_int, default=None,
+                   help='images to measure (default all)')
     p.add_argument('--keep-ratio', action='store_true',
                    help='--images: fit inside --shape keeping the aspect ratio (mmdet style)')
-    p.add_argument('--pad-divisor', type=int, default=1, help='--images: pad to a multiple')
-    p.add_argument('--num-classes', type=int, default=None,
+    p.add_argument('--pad-divisor', type=int_in(1, 1024), default=1,
+                   help='--images: pad to a multiple')
+    p.add_argument('--num-classes', type=positive_int, default=None,
                    help='add a classifier head (GAP + FC) to the count; classifier configs '
                         "default to their head's num_classes")
     p.add_argument('--no-reference', action='store_true',
                    help='skip the torchvision ResNet of the same depth as a reference')
     p.add_argument('--out', help='JSON output path')
     p.add_argument('--hist', help='histogram PNG path (default: next to --out, or ./flops_hist.png)')
+    p.add_argument('--overwrite', action='store_true',
+                   help='replace an existing --out / --hist file')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
                    help='override config settings')
     args = p.parse_args(argv)
     if (args.config is None) == (args.preset is None):
         p.error('give either a config or --preset')
     if args.dataloader and args.config is None:
-        p.error('--dataloader needs a config')
+        p.error('argument --dataloader: needs a config')
+    if args.dataloader and args.images:
+        p.error('argument --images: not allowed with --dataloader')
+    if args.patch_size and args.config is not None:
+        p.error('argument --patch-size: only for --preset (a config sets its own patches)')
+    if args.cfg_options and args.config is None:
+        p.error('argument --cfg-options: only for a config, not --preset')
+    measuring = bool(args.images or args.dataloader)
+    if not measuring:
+        for option, given in (('--num-images', args.num_images is not None),
+                              ('--hist', args.hist is not None)):
+            if given:
+                p.error(f'argument {option}: needs --images or --dataloader')
+    if not args.images:
+        for option, given in (('--keep-ratio', args.keep_ratio),
+                              ('--pad-divisor', args.pad_divisor != 1)):
+            if given:
+                p.error(f'argument {option}: needs --images')
+    if measuring and args.hist is None:
+        args.hist = (osp.splitext(args.out)[0] + '_hist.png' if args.out else 'flops_hist.png')
+    inputs = [('config', args.config), ('--checkpoint', args.checkpoint),
+              ('--images', args.images)]
+    check_inputs_exist(p, inputs)
+    for option, path in (('--out', args.out), ('--hist', args.hist)):
+        check_output_file(p, option, path, args.overwrite, inputs)
+    check_no_overlap(p, [('--out', args.out), ('--hist', args.hist)])
     return args
 
 
@@ -234,4 +268,15 @@ def main(argv=None) -> Dict[str, object]:
 
 
 if __name__ == '__main__':
-    main()
+    import os
+    import sys
+
+    from sar_backbones.models.backbones.checkpoint import (BackboneCheckpointMismatchError,
+                                                           CheckpointReadError)
+    try:
+        main()
+    except (CheckpointReadError, BackboneCheckpointMismatchError) as error:
+        # --checkpoint unreadable or of another model: one line, exit 2.
+        message = ' '.join(str(error).split())
+        sys.stderr.write(f'{os.path.basename(sys.argv[0])}: error: {message}\n')
+        sys.exit(2)

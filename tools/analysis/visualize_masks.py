@@ -33,6 +33,9 @@ from sar_backbones.analysis.flops_stats import (dataloader_inputs, image_to_tens
                                                 load_image, resize_image)
 from sar_backbones.analysis.mask_vis import collect_masks, save_overlays
 from sar_backbones.analysis.presets import load_model
+from sar_backbones.utils.cli import (ArgumentParser, check_inputs_exist, check_output_dir,
+                                     count_between, float_in, image_side, non_negative_int,
+                                     positive_int)
 
 # Input sizes of the shipped test pipelines: (size, keep_ratio, pad divisor).
 TASK_INPUT = {'classifier': ((224, 224), False, 1), 'preset': ((224, 224), False, 1),
@@ -41,27 +44,33 @@ TASK_INPUT = {'classifier': ((224, 224), False, 1), 'preset': ((224, 224), False
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Parse and check the command line; a mistake exits 2 with one line naming the argument."""
+    p = ArgumentParser(description=__doc__.split('\n\n')[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('config', nargs='?', help='config of a classifier, detector or segmenter')
     p.add_argument('--preset', help='bare backbone preset instead, e.g. sar-resnet50-g2s2a2b1')
     p.add_argument('--checkpoint', help='trained weights (whole model or backbone only)')
     p.add_argument('--images', help='image file or folder')
     p.add_argument('--dataloader', action='store_true',
                    help="take the images from the config's test dataloader (its pipeline)")
-    p.add_argument('--num-images', type=int, default=4)
-    p.add_argument('--shape', type=int, nargs='+', default=None,
+    p.add_argument('--num-images', type=positive_int, default=4)
+    p.add_argument('--shape', type=image_side, nargs='+',
+                   action=count_between(1, 2), default=None, metavar='SIDE',
                    help='--images: input H [W] (default by task: 224, 800x1333 keep-ratio, 512)')
     p.add_argument('--keep-ratio', action='store_true', default=None,
                    help='--images: fit inside --shape keeping the aspect ratio (detector default)')
-    p.add_argument('--patch-size', type=int, nargs=3, default=None,
+    p.add_argument('--patch-size', type=positive_int, nargs=3, default=None,
                    help='preset only: fixed patch size per SAR stage instead of the 14/7/2 grid')
-    p.add_argument('--mask-rate', type=float, default=None,
-                   help='random masks at this rate instead of the learned ones')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--mask-rate', type=float_in(0.0, 1.0), default=None,
+                   help='random masks at this rate in [0, 1] instead of the learned ones')
+    p.add_argument('--seed', type=non_negative_int, default=0,
+                   help='seed of the random masks of --mask-rate')
     p.add_argument('--level', default='stage', choices=['stage', 'block'])
     p.add_argument('--no-figure', action='store_true', help='skip the composite matplotlib figure')
-    p.add_argument('--out-dir', default='work_dirs/mask_vis')
+    p.add_argument('--out-dir', default='work_dirs/mask_vis',
+                   help='output folder; must be new or empty unless --overwrite')
+    p.add_argument('--overwrite', action='store_true',
+                   help='write into a non-empty --out-dir (files of the same names are replaced)')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE')
     args = p.parse_args(argv)
     if (args.config is None) == (args.preset is None):
@@ -69,7 +78,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.dataloader == bool(args.images):
         p.error('give either --images or --dataloader')
     if args.dataloader and args.config is None:
-        p.error('--dataloader needs a config')
+        p.error('argument --dataloader: needs a config')
+    if args.patch_size and args.config is not None:
+        p.error('argument --patch-size: only for --preset (a config sets its own patches)')
+    if args.cfg_options and args.config is None:
+        p.error('argument --cfg-options: only for a config, not --preset')
+    if args.dataloader and (args.shape or args.keep_ratio is not None):
+        p.error('argument --shape/--keep-ratio: only for --images (the dataloader has its '
+                'own pipeline)')
+    check_inputs_exist(p, [('config', args.config), ('--checkpoint', args.checkpoint),
+                           ('--images', args.images)])
+    if args.images and osp.isdir(args.images) and osp.isdir(args.out_dir) and \
+            osp.samefile(args.images, args.out_dir):
+        p.error(f'argument --out-dir: {args.out_dir} is also the input folder of --images')
+    check_output_dir(p, '--out-dir', args.out_dir, args.overwrite)
     return args
 
 
@@ -145,4 +167,15 @@ def main(argv=None) -> Dict[str, object]:
 
 
 if __name__ == '__main__':
-    main()
+    import os
+    import sys
+
+    from sar_backbones.models.backbones.checkpoint import (BackboneCheckpointMismatchError,
+                                                           CheckpointReadError)
+    try:
+        main()
+    except (CheckpointReadError, BackboneCheckpointMismatchError) as error:
+        # --checkpoint unreadable or of another model: one line, exit 2.
+        message = ' '.join(str(error).split())
+        sys.stderr.write(f'{os.path.basename(sys.argv[0])}: error: {message}\n')
+        sys.exit(2)
