@@ -17,7 +17,7 @@ custom_hooks = [
     dict(type='sar_backbones.SARRateLoggerHook'),
     # Logged training rates averaged over all ranks, not rank 0's alone.
     dict(type='sar_backbones.SARRateSyncHook'),
-    # Gumbel noise seeded from (seed, iteration), so a resumed run draws the
-    # same masks as an uninterrupted one.
+    # Gumbel noise and main-process data loading seeded from (seed, rank,
+    # iteration): ranks draw different masks, a resumed run the same ones.
     dict(type='sar_backbones.SARNoiseSeedHook'),
 ]

@@ -12,11 +12,16 @@
 The schedules are pure functions of ``runner.iter / runner.max_iters``:
 they keep no state of their own, so a resumed run sets exactly the values an
 uninterrupted run would, for epoch- and iteration-based loops alike
-(``runner.max_iters`` exists for both).
+(``runner.max_iters`` exists for both). Each schedule hook also sets its
+value in ``before_train``, so a run never starts with a value left in the
+model by an earlier run (for example one that was interrupted), and the
+arguments of every hook are checked when it is built.
 """
 import bisect
 import logging
 import math
+import numbers
+import weakref
 from collections import defaultdict
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -27,9 +32,62 @@ from mmengine.logging import print_log
 from mmengine.model import BaseTTAModel, is_model_wrapper
 from torch import nn
 
+from sar_backbones.models.layers.gumbel import MAX_TEMPERATURE, MIN_TEMPERATURE
 from sar_backbones.registry import HOOKS
 
 DATA_BATCH = Optional[dict]
+
+
+def check_number(value: float,
+                 name: str,
+                 low: float,
+                 high: float,
+                 low_open: bool = False,
+                 high_open: bool = False) -> float:
+    """``value`` as a float if it is a finite real number within ``[low, high]``.
+
+    Args:
+        value (float): The argument to check.
+        name (str): Its name, for the error message.
+        low (float): Lower bound.
+        high (float): Upper bound.
+        low_open (bool): Exclude ``low``. Defaults to False.
+        high_open (bool): Exclude ``high``. Defaults to False.
+
+    Returns:
+        float: ``float(value)``.
+
+    Raises:
+        TypeError: If ``value`` is not a real number (bools are refused).
+        ValueError: If it is NaN, infinite or out of range.
+    """
+    interval = (f"{'(' if low_open else '['}{low:g}, "
+                f"{high:g}{')' if high_open else ']'}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f'{name} must be a number in {interval}, got '
+                        f'{type(value).__name__} {value!r}')
+    value = float(value)
+    inside = ((low < value if low_open else low <= value)
+              and (value < high if high_open else value <= high))
+    if not (math.isfinite(value) and inside):
+        raise ValueError(f'{name} must be a finite number in {interval}, '
+                         f'got {value!r}')
+    return value
+
+
+def check_choice(value: str, name: str, choices: Sequence[str]) -> str:
+    """``value`` if it is one of the strings ``choices``, else a ValueError naming ``name``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f'{name} must be one of {tuple(choices)}, got {value!r}')
+    return value
+
+
+def check_flag(value: bool, name: str) -> bool:
+    """``value`` if it is a bool, else a TypeError naming ``name``."""
+    if not isinstance(value, bool):
+        raise TypeError(f'{name} must be True or False, got '
+                        f'{type(value).__name__} {value!r}')
+    return value
 
 
 def _is_sar_backbone(module: nn.Module) -> bool:
@@ -87,11 +145,70 @@ def training_progress(runner) -> float:
     return min(max(runner.iter / max_iters, 0.), 1.)
 
 
+# What the schedule hooks wrote into each backbone during a run that has not
+# finished yet: setter -> (value before the run's first write, last value
+# written). ``after_train`` drops the entry of its hook; entries still there
+# when the next run starts were left by an interrupted run.
+_UNFINISHED: 'weakref.WeakKeyDictionary[nn.Module, Dict[str, Tuple[float, float]]]' = \
+    weakref.WeakKeyDictionary()
+# The backbone property that reads what each setter sets.
+_GETTERS = {
+    'set_temperature': 'temperature',
+    'set_target_rate': 'target_rate',
+    'set_noise_scale': 'noise_scale',
+}
+
+
+def _write(backbone: nn.Module, setter: str, value: float) -> None:
+    """Set a schedule value, remembering the value it replaces for an interrupted run."""
+    record = _UNFINISHED.setdefault(backbone, {})
+    before = (record[setter][0]
+              if setter in record else getattr(backbone, _GETTERS[setter]))
+    getattr(backbone, setter)(value)
+    record[setter] = (before, getattr(backbone, _GETTERS[setter]))
+
+
+def _forget_writes(backbone: nn.Module, setter: str) -> Optional[float]:
+    """Forget the writes of a finished run; returns the value from before its first write."""
+    record = _UNFINISHED.get(backbone, {})
+    before = record.pop(setter, (None, None))[0]
+    if not record:
+        _UNFINISHED.pop(backbone, None)
+    return before
+
+
+def undo_unfinished_run(backbone: nn.Module) -> Dict[str, float]:
+    """Give back the values an interrupted run's schedule hooks left in ``backbone``.
+
+    A run that crashes or is killed never reaches ``after_train``: the model
+    object keeps the raised target rate t, the annealed temperature tau and
+    the faded noise scale of its last iteration. A later run with the same
+    model object calls this (every schedule hook's ``before_run`` does) and
+    gets the values the backbone had before the interrupted run, except where
+    someone set another value since.
+
+    Args:
+        backbone (nn.Module): The SAR backbone.
+
+    Returns:
+        dict: The restored values, by setter name.
+    """
+    restored = {}
+    for setter, (before, written) in _UNFINISHED.pop(backbone, {}).items():
+        if getattr(backbone, _GETTERS[setter]) == written:
+            getattr(backbone, setter)(before)
+            restored[setter] = before
+    return restored
+
+
 class _ProgressScheduleHook(Hook):
-    """Sets one value of the SAR backbone from the training progress before every iteration.
+    """Sets one value of the SAR backbone from the training progress.
 
     Subclasses define ``value_at(progress)``, the backbone method that takes
-    the value (``setter``) and the ``train/...`` key it is logged under.
+    the value (``setter``) and the ``train/...`` key it is logged under. The
+    value is set at the start of every run (``before_train``, after a resume
+    has restored ``runner.iter``) and before every iteration; ``before_run``
+    first undoes what an interrupted earlier run left in the same model.
     """
 
     priority = 'NORMAL'
@@ -101,14 +218,37 @@ class _ProgressScheduleHook(Hook):
     def value_at(self, progress: float) -> float:
         raise NotImplementedError
 
+    def _set(self, runner) -> float:
+        value = self.value_at(training_progress(runner))
+        _write(get_sar_backbone(runner.model), self.setter, value)
+        return value
+
+    def before_run(self, runner) -> None:
+        """Undo the values an interrupted earlier run left in this model."""
+        restored = undo_unfinished_run(get_sar_backbone(runner.model))
+        if restored:
+            print_log(
+                'SAR schedule hooks: restored the values an interrupted '
+                f'earlier run left in the model: {restored}',
+                logger='current')
+
+    def before_train(self, runner) -> None:
+        """Set the value of the first iteration of this run (0 or the resumed one)."""
+        self._set(runner)
+
     def before_train_iter(self,
                           runner,
                           batch_idx: int,
                           data_batch: DATA_BATCH = None) -> None:
         """Set the value for the coming iteration and log it."""
-        value = self.value_at(training_progress(runner))
-        getattr(get_sar_backbone(runner.model), self.setter)(value)
-        runner.message_hub.update_scalar(self.log_key, value)
+        runner.message_hub.update_scalar(self.log_key, self._set(runner))
+
+    def after_train(self, runner) -> None:
+        """Leave the model with the value it had before the run."""
+        backbone = get_sar_backbone(runner.model)
+        before = _forget_writes(backbone, self.setter)
+        if before is not None:
+            getattr(backbone, self.setter)(before)
 
 
 @HOOKS.register_module()
@@ -124,13 +264,16 @@ class SARTemperatureHook(_ProgressScheduleHook):
     * ``mode='constant'``: ``tau = start``.
 
     Because tau depends only on the iteration counter, resuming reproduces
-    the schedule exactly. The value is logged as ``train/tau``.
+    the schedule exactly. The value is logged as ``train/tau``. After
+    training the backbone gets back the temperature it had before.
 
     Args:
         mode (str): ``'exp'`` or ``'constant'``. Defaults to 'exp'.
-        start (float): Temperature at the first iteration. Defaults to 1.0.
+        start (float): Temperature at the first iteration, in
+            ``[MIN_TEMPERATURE, MAX_TEMPERATURE]`` = [1e-4, 1e4] (the range
+            of ``SARResNet.set_temperature``). Defaults to 1.0.
         end (float): Temperature approached at the end of training (``exp``
-            mode only). Defaults to 0.01.
+            mode only), in the same range. Defaults to 0.01.
 
     Example:
         >>> custom_hooks = [
@@ -147,14 +290,11 @@ class SARTemperatureHook(_ProgressScheduleHook):
                  mode: str = 'exp',
                  start: float = 1.0,
                  end: float = 0.01) -> None:
-        if mode not in self.MODES:
-            raise ValueError(f'mode must be one of {self.MODES}, got {mode!r}')
-        if start <= 0 or end <= 0:
-            raise ValueError(f'temperatures must be positive, got start='
-                             f'{start} and end={end}')
-        self.mode = mode
-        self.start = float(start)
-        self.end = float(end)
+        self.mode = check_choice(mode, 'mode', self.MODES)
+        # The range SARResNet.set_temperature accepts: a schedule outside it
+        # would otherwise fail only when training reaches that value.
+        self.start = check_number(start, 'start', MIN_TEMPERATURE, MAX_TEMPERATURE)
+        self.end = check_number(end, 'end', MIN_TEMPERATURE, MAX_TEMPERATURE)
 
     def get_temperature(self, progress: float) -> float:
         """The temperature at a given fraction of training.
@@ -189,10 +329,13 @@ class SARGumbelNoiseHook(_ProgressScheduleHook):
     act on the decisions inference will take. With progress
     ``p = runner.iter / runner.max_iters``:
     ``scale = 1`` for ``p <= begin``, then linear to ``end`` at ``p = 1``.
-    Logged as ``train/noise_scale``.
+    Logged as ``train/noise_scale``. After training the backbone gets back
+    the noise scale it had before (so a later fine-tuning run without this
+    hook samples with the paper's noise).
 
     Args:
-        begin (float): Fraction of training at which the fade starts. Defaults to 0.7.
+        begin (float): Fraction of training at which the fade starts, in
+            [0, 1). Defaults to 0.7.
         end (float): Noise scale at the end of training, in [0, 1]. Defaults to 0.
 
     Example:
@@ -203,12 +346,9 @@ class SARGumbelNoiseHook(_ProgressScheduleHook):
     log_key = 'train/noise_scale'
 
     def __init__(self, begin: float = 0.7, end: float = 0.) -> None:
-        if not 0 <= begin < 1:
-            raise ValueError(f'begin must be in [0, 1), got {begin}')
-        if not 0 <= end <= 1:
-            raise ValueError(f'end must be in [0, 1], got {end}')
-        self.begin = float(begin)
-        self.end = float(end)
+        # begin = 1 would divide by zero: the fade needs some training left.
+        self.begin = check_number(begin, 'begin', 0., 1., high_open=True)
+        self.end = check_number(end, 'end', 0., 1.)
 
     def get_noise_scale(self, progress: float) -> float:
         """The noise scale at a given fraction of training, in [0, 1]."""
@@ -238,12 +378,16 @@ class SARTargetRateHook(_ProgressScheduleHook):
     read once in ``before_run`` (before this hook changes it), so the config
     states t in one place. The value is logged as ``train/target_rate``.
 
+    A model object that an interrupted run left at a raised target keeps
+    its configured t: ``before_run`` first undoes what the interrupted run's
+    schedule hooks set (see :func:`undo_unfinished_run`).
+
     Args:
-        target (float, optional): The final target rate t. Defaults to None
-            (the backbone's configured ``target_rate``).
+        target (float, optional): The final target rate t, in (0, 1].
+            Defaults to None (the backbone's configured ``target_rate``).
         mode (str): ``'step'`` or ``'constant'``. Defaults to 'step'.
-        milestones (Sequence[float]): Three increasing fractions of training
-            in (0, 1] at which the target steps down. Defaults to the ImageNet
+        milestones (Sequence[float]): Three non-decreasing fractions of
+            training in (0, 1] at which the target steps down. Defaults to the ImageNet
             schedule ``(30/110, 45/110, 60/110)``.
 
     Example:
@@ -262,19 +406,32 @@ class SARTargetRateHook(_ProgressScheduleHook):
                  mode: str = 'step',
                  milestones: Sequence[float] = (30 / 110, 45 / 110,
                                                 60 / 110)) -> None:
-        if mode not in self.MODES:
-            raise ValueError(f'mode must be one of {self.MODES}, got {mode!r}')
-        milestones = tuple(float(m) for m in milestones)
-        if (len(milestones) != 3 or list(milestones) != sorted(milestones)
-                or not 0 < milestones[0] or not milestones[-1] <= 1):
-            raise ValueError('milestones must be three increasing fractions '
-                             f'of training in (0, 1], got {milestones}')
-        if target is not None and not 0 <= target <= 1:
-            raise ValueError(f'target must be in [0, 1], got {target}')
-        self.target = target
-        self.mode = mode
-        self.milestones = milestones
-        self._final_target: Optional[float] = target
+        self.mode = check_choice(mode, 'mode', self.MODES)
+        self.milestones = self._check_milestones(milestones)
+        # (0, 1] as SARResNet.set_target_rate: t = 0 would otherwise fail at
+        # the last milestone, halfway through training.
+        self.target = (None if target is None else check_number(
+            target, 'target', 0., 1., low_open=True))
+        self._final_target: Optional[float] = self.target
+
+    @staticmethod
+    def _check_milestones(milestones: Sequence[float]) -> Tuple[float, ...]:
+        if isinstance(milestones, (str, bytes)) or not isinstance(
+                milestones, Sequence):
+            raise TypeError('milestones must be a sequence of three fractions '
+                            f'of training, got {type(milestones).__name__} '
+                            f'{milestones!r}')
+        if len(milestones) != 3:
+            raise ValueError('milestones must be three fractions of training '
+                             f'(one per step of t), got {len(milestones)}: '
+                             f'{tuple(milestones)!r}')
+        values = tuple(
+            check_number(m, f'milestones[{i}]', 0., 1., low_open=True)
+            for i, m in enumerate(milestones))
+        if list(values) != sorted(values):
+            raise ValueError('milestones must be non-decreasing fractions of '
+                             f'training in (0, 1], got {values}')
+        return values
 
     @property
     def final_target(self) -> float:
@@ -302,14 +459,21 @@ class SARTargetRateHook(_ProgressScheduleHook):
     value_at = get_target_rate
 
     def before_run(self, runner) -> None:
-        """Read the configured target rate from the model (if not given)."""
+        """Read the configured target rate from the model (if not given).
+
+        Values an interrupted earlier run left in the model are undone first,
+        so that its raised target is not taken for the configured t.
+        """
+        super().before_run(runner)
         if self.target is None:
             self._final_target = float(
                 get_sar_backbone(runner.model).target_rate)
 
     def after_train(self, runner) -> None:
         """Leave the model with its final target rate, whatever the mode."""
-        get_sar_backbone(runner.model).set_target_rate(self.final_target)
+        backbone = get_sar_backbone(runner.model)
+        _forget_writes(backbone, self.setter)
+        backbone.set_target_rate(self.final_target)
 
 
 @HOOKS.register_module()
@@ -354,18 +518,24 @@ class SARRateLoggerHook(Hook):
     def __init__(self,
                  flops_input_shape: Optional[Sequence[int]] = None,
                  compute_flops: bool = True) -> None:
-        if flops_input_shape is not None and len(flops_input_shape) != 3:
-            raise ValueError('flops_input_shape must be (C, H, W), got '
-                             f'{flops_input_shape}')
-        self.flops_input_shape = (
-            tuple(int(s) for s in flops_input_shape)
-            if flops_input_shape is not None else None)
-        self.compute_flops = compute_flops
+        self.flops_input_shape = (None if flops_input_shape is None else
+                                  self._check_shape(flops_input_shape))
+        self.compute_flops = check_flag(compute_flops, 'compute_flops')
         self._handle = None
         # The architecture is fixed during a run: costs depend on size only.
         self._cost_cache: Dict[Tuple[int, ...], Tuple[float,
                                                       torch.Tensor]] = {}
         self._reset()
+
+    @staticmethod
+    def _check_shape(shape: Sequence[int]) -> Tuple[int, int, int]:
+        if (isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence)
+                or len(shape) != 3 or not all(
+                    isinstance(s, numbers.Integral) and not isinstance(s, bool)
+                    and s > 0 for s in shape)):
+            raise ValueError('flops_input_shape must be three positive '
+                             f'integers (C, H, W), got {shape!r}')
+        return tuple(int(s) for s in shape)
 
     def _reset(self) -> None:
         # Per input shape (C, H, W): summed per-block rates and sample count.

@@ -1,6 +1,9 @@
 """SAR schedules and rate reporting inside a real mmengine Runner."""
 import math
 import socket
+import uuid
+
+import numpy as np
 
 import pytest
 import torch
@@ -13,11 +16,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from sar_backbones.analysis import model_complexity
-from sar_backbones.engine import (SARGumbelNoiseHook, SARRateLoggerHook, SARTargetRateHook,
-                                  SARTemperatureHook,
+from sar_backbones.engine import (SARGumbelNoiseHook, SARNoiseSeedHook, SARRateLoggerHook,
+                                  SARRateSyncHook, SARTargetRateHook, SARTemperatureHook,
                                   get_sar_backbone)
+from sar_backbones.engine.hooks import undo_unfinished_run
 from sar_backbones.models import SARResNet
 from sar_backbones.models.layers import RegionSelector
+from sar_backbones.models.layers.gumbel import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 TARGET = 0.4
 MILESTONES = (0.25, 0.5, 0.75)
@@ -92,7 +97,8 @@ def expected(it, max_iters):
     return tau, TARGET + (1 - TARGET) * (3 - steps) / 3, noise
 
 
-def make_runner(work_dir, record, by_epoch=True, resume_from=None, val=False):
+def make_runner(work_dir, record, by_epoch=True, resume_from=None, val=False, model=None,
+                extra_hooks=()):
     loader = dict(dataset=ToyData(), sampler=dict(type='DefaultSampler', shuffle=False),
                   batch_size=2, collate_fn=dict(type='default_collate'))
     train_loader = dict(loader)
@@ -109,8 +115,9 @@ def make_runner(work_dir, record, by_epoch=True, resume_from=None, val=False):
         extra = dict(val_dataloader=loader, val_cfg=dict(),
                      val_evaluator=Evaluator(ToyAccuracy()))
     return Runner(
-        model=ToySARClassifier(),
+        model=ToySARClassifier() if model is None else model,
         work_dir=str(work_dir),
+        experiment_name=f'sar_hooks_{uuid.uuid4().hex}',
         train_dataloader=train_loader,
         train_cfg=train_cfg,
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
@@ -120,6 +127,7 @@ def make_runner(work_dir, record, by_epoch=True, resume_from=None, val=False):
             dict(type='sar_backbones.SARTargetRateHook', milestones=MILESTONES),
             dict(type='sar_backbones.SARGumbelNoiseHook', begin=0.5),
             record,
+            *extra_hooks,
         ],
         load_from=resume_from,
         resume=resume_from is not None,
@@ -267,3 +275,145 @@ def test_rate_logger_reports_rate_and_effective_gflops(tmp_path):
     assert test_runner.message_hub.get_scalar('test/effective_gflops').current() == \
         test_metrics['effective_gflops']
     assert math.isfinite(test_metrics['accuracy'])
+
+
+NAN, INF = float('nan'), float('inf')
+
+
+@pytest.mark.parametrize('build, name', [
+    # Temperatures outside what SARResNet.set_temperature accepts, or not numbers.
+    (lambda: SARTemperatureHook(start=0), 'start'),
+    (lambda: SARTemperatureHook(start=-1.0), 'start'),
+    (lambda: SARTemperatureHook(start=NAN), 'start'),
+    (lambda: SARTemperatureHook(start=INF), 'start'),
+    (lambda: SARTemperatureHook(start=MAX_TEMPERATURE * 10), 'start'),
+    (lambda: SARTemperatureHook(end=MIN_TEMPERATURE / 10), 'end'),
+    (lambda: SARTemperatureHook(end=1e-50), 'end'),
+    (lambda: SARTemperatureHook(end=NAN), 'end'),
+    (lambda: SARTemperatureHook(end='0.01'), 'end'),
+    (lambda: SARTemperatureHook(start=None), 'start'),
+    (lambda: SARTemperatureHook(start=True), 'start'),
+    (lambda: SARTemperatureHook(mode=None), 'mode'),
+    (lambda: SARTemperatureHook(mode='EXP'), 'mode'),
+    # Target rates that SARResNet.set_target_rate refuses halfway through training.
+    (lambda: SARTargetRateHook(target=0), 'target'),
+    (lambda: SARTargetRateHook(target=-0.5), 'target'),
+    (lambda: SARTargetRateHook(target=1.5), 'target'),
+    (lambda: SARTargetRateHook(target=NAN), 'target'),
+    (lambda: SARTargetRateHook(target='0.5'), 'target'),
+    (lambda: SARTargetRateHook(mode='linear'), 'mode'),
+    (lambda: SARTargetRateHook(milestones=(0.5, 0.2, 0.7)), 'milestones'),
+    (lambda: SARTargetRateHook(milestones=(0.2, 0.5)), 'milestones'),
+    (lambda: SARTargetRateHook(milestones=(0.1, 0.2, 0.3, 0.4)), 'milestones'),
+    (lambda: SARTargetRateHook(milestones=(0., 0.2, 0.5)), r'milestones\[0\]'),
+    (lambda: SARTargetRateHook(milestones=(0.1, 0.2, 1.5)), r'milestones\[2\]'),
+    (lambda: SARTargetRateHook(milestones=(0.1, NAN, 0.5)), r'milestones\[1\]'),
+    (lambda: SARTargetRateHook(milestones=0.5), 'milestones'),
+    (lambda: SARTargetRateHook(milestones='123'), 'milestones'),
+    (lambda: SARTargetRateHook(milestones=(0.1, None, 0.5)), r'milestones\[1\]'),
+    # Noise fade.
+    (lambda: SARGumbelNoiseHook(begin=1.0), 'begin'),
+    (lambda: SARGumbelNoiseHook(begin=-0.1), 'begin'),
+    (lambda: SARGumbelNoiseHook(begin=NAN), 'begin'),
+    (lambda: SARGumbelNoiseHook(begin=None), 'begin'),
+    (lambda: SARGumbelNoiseHook(end=-0.1), 'end'),
+    (lambda: SARGumbelNoiseHook(end=1.5), 'end'),
+    (lambda: SARGumbelNoiseHook(end=INF), 'end'),
+    # Reporting and distributed helpers.
+    (lambda: SARRateLoggerHook(flops_input_shape=(3, 64)), 'flops_input_shape'),
+    (lambda: SARRateLoggerHook(flops_input_shape=(3, 0, 64)), 'flops_input_shape'),
+    (lambda: SARRateLoggerHook(flops_input_shape=(3, -64, 64)), 'flops_input_shape'),
+    (lambda: SARRateLoggerHook(flops_input_shape=(3, 64.5, 64)), 'flops_input_shape'),
+    (lambda: SARRateLoggerHook(flops_input_shape=224), 'flops_input_shape'),
+    (lambda: SARRateLoggerHook(flops_input_shape='3x224x224'), 'flops_input_shape'),
+    (lambda: SARRateLoggerHook(compute_flops='no'), 'compute_flops'),
+    (lambda: SARRateSyncHook(prefixes=()), 'prefixes'),
+    (lambda: SARRateSyncHook(prefixes=('act_rate', '')), 'prefixes'),
+    (lambda: SARRateSyncHook(prefixes=3), 'prefixes'),
+    (lambda: SARRateSyncHook(prefixes=[None]), 'prefixes'),
+    (lambda: SARNoiseSeedHook(seed_data='yes'), 'seed_data'),
+])
+def test_hook_arguments_are_checked_when_built(build, name):
+    with pytest.raises((TypeError, ValueError), match=name):
+        build()
+
+
+def test_hook_arguments_at_the_bounds_are_accepted():
+    hook = SARTemperatureHook(start=MAX_TEMPERATURE, end=MIN_TEMPERATURE)
+    assert hook.get_temperature(0.) == pytest.approx(MAX_TEMPERATURE)
+    assert hook.get_temperature(1.) == pytest.approx(MIN_TEMPERATURE)
+    assert SARTemperatureHook(start=np.float32(0.5), end=1).start == 0.5
+    hook = SARTargetRateHook(target=1, milestones=[0.5, 0.5, 1])
+    assert hook.get_target_rate(0.7) == 1.0 and hook.milestones == (0.5, 0.5, 1.0)
+    assert SARGumbelNoiseHook(begin=0, end=1).get_noise_scale(0.5) == 1.0
+    assert SARRateLoggerHook(flops_input_shape=[3, np.int64(64), 32]).flops_input_shape == \
+        (3, 64, 32)
+    assert SARRateSyncHook(prefixes='act').prefixes == ('act', )
+    assert SARNoiseSeedHook(seed_data=False).seed_data is False
+
+
+class Interrupt(Exception):
+    """Stands for a killed job."""
+
+
+class CrashAt(Hook):
+    """Raises after iteration ``at`` (0-based)."""
+    priority = 'LOWEST'
+
+    def __init__(self, at):
+        self.at = at
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        if runner.iter == self.at:
+            raise Interrupt
+
+
+@pytest.mark.parametrize('by_epoch', [True, False], ids=['epoch_loop', 'iter_loop'])
+def test_reused_model_starts_from_its_configuration_after_an_interrupted_run(tmp_path, by_epoch):
+    """An interrupted run left t raised, tau annealed and the noise faded in the model
+    object; a new run with that object sees what a fresh model would see."""
+    fresh = RecordHook()
+    make_runner(tmp_path / 'fresh', fresh, by_epoch=by_epoch).train()
+
+    model = ToySARClassifier()
+    backbone = model.backbone
+    configured = (backbone.temperature, backbone.target_rate, backbone.noise_scale)
+    with pytest.raises(Interrupt):
+        make_runner(tmp_path / 'crashed', RecordHook(), by_epoch=by_epoch, model=model,
+                    extra_hooks=[CrashAt(10)]).train()
+    left = (backbone.temperature, backbone.target_rate, backbone.noise_scale)
+    assert left[0] < 0.03 and left[2] < 0.4  # annealed and faded at iteration 10 of 12
+    assert left[1] == pytest.approx(TARGET)  # ... (the step schedule is back at t there)
+    # The case of the report: interrupted before the last milestone, t stays raised.
+    with pytest.raises(Interrupt):
+        make_runner(tmp_path / 'crashed2', RecordHook(), by_epoch=by_epoch, model=model,
+                    extra_hooks=[CrashAt(2)]).train()
+    assert backbone.target_rate == 1.0 and backbone.temperature < 1.0
+
+    again = RecordHook()
+    runner = make_runner(tmp_path / 'again', again, by_epoch=by_epoch, model=model)
+    runner.train()
+    # Every iteration saw the schedule of a fresh model, from the configured t = TARGET.
+    assert again.seen == fresh.seen
+    assert again.seen[0][:2] == (1.0, 1.0) and again.seen[11][1] == pytest.approx(TARGET)
+    # After training: the configured values again (t: the final target, which is TARGET).
+    assert (backbone.temperature, backbone.target_rate, backbone.noise_scale) == configured
+
+
+def test_values_the_user_set_after_an_interrupted_run_are_kept(tmp_path):
+    model = ToySARClassifier()
+    backbone = model.backbone
+    with pytest.raises(Interrupt):
+        make_runner(tmp_path / 'crashed', RecordHook(), by_epoch=False, model=model,
+                    extra_hooks=[CrashAt(1)]).train()
+    assert backbone.target_rate == 1.0
+    backbone.set_target_rate(0.3)  # a new t chosen on purpose: not a leftover
+    # tau and the noise scale are still the interrupted run's: they are undone.
+    assert undo_unfinished_run(backbone) == {'set_temperature': 1.0, 'set_noise_scale': 1.0}
+    assert (backbone.temperature, backbone.target_rate, backbone.noise_scale) == (1.0, 0.3, 1.0)
+    assert undo_unfinished_run(backbone) == {}
+
+    record = RecordHook()
+    make_runner(tmp_path / 'again', record, by_epoch=False, model=model).train()
+    assert record.seen[11][1] == pytest.approx(0.3)  # the hook read t = 0.3 from the model
+    assert backbone.target_rate == pytest.approx(0.3)

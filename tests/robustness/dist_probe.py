@@ -10,6 +10,9 @@ Per rank it writes ``<out_dir>/rank<r>.json`` after training with:
   (recomputed from the backbone's masks), the logged outputs (after
   ``SARRateSyncHook``), the message hub's ``train/act_rate``, and the rate
   loss recomputed from the local masks with Eq. 10;
+* per iteration: the seed of PyTorch's generator when the iteration starts
+  (``torch.initial_seed()``, set by ``SARNoiseSeedHook`` for the Gumbel
+  noise) and ``runner.seed``;
 * the SHA-256 of every parameter and of all parameters together.
 """
 import hashlib
@@ -53,6 +56,7 @@ class DistProbeHook(Hook):
         self.out_dir = out_dir
         self.perturb_selectors = perturb_selectors
         self.records = []
+        self.noise_seeds = []
 
     def before_train(self, runner):
         if not self.perturb_selectors:
@@ -65,6 +69,11 @@ class DistProbeHook(Hook):
                     weight = torch.randn(selector.fc.weight.shape, generator=generator) * 2.0
                     selector.fc.weight.copy_(weight)
                     selector.fc.bias.zero_()
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        # LOWEST priority: after SARNoiseSeedHook (HIGHEST) seeded the noise.
+        self.noise_seeds.append(dict(iter=runner.iter, seed=int(torch.initial_seed()),
+                                     runner_seed=int(runner.seed)))
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
         backbone = get_sar_backbone(runner.model)
@@ -84,6 +93,7 @@ class DistProbeHook(Hook):
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         per_name, overall = parameter_hashes(model.named_parameters())
         result = dict(rank=get_rank(), world_size=get_world_size(), records=self.records,
+                      noise_seeds=self.noise_seeds,
                       param_hashes=per_name, params_sha256=overall,
                       wrapper=type(runner.model).__name__)
         with open(osp.join(self.out_dir, f'rank{get_rank()}.json'), 'w') as file:

@@ -11,7 +11,8 @@ iterations on two processes. Checked, from what each rank records
 * every logged loss is finite;
 * the logged activation rate is the sample-weighted mean of the two ranks'
   local rates (``SARRateSyncHook``), while the rate loss of each rank is
-  Eq. 10 on its local batch (what DDP then averages).
+  Eq. 10 on its local batch (what DDP then averages);
+* the two ranks seed their Gumbel noise differently (``SARNoiseSeedHook``).
 """
 import json
 import os
@@ -210,5 +211,19 @@ def test_two_process_cpu_training(task, data_root, tmp_path):
             assert p['hub_act_rate'] == pytest.approx(mean, rel=1e-6, abs=1e-7)
         differs |= abs(per_rank[0]['local_act_rate'] - per_rank[1]['local_act_rate']) > 1e-3
     assert differs, 'the ranks saw the same rates: the averaging was not exercised'
+
+    # SARNoiseSeedHook (from the shipped configs' custom hooks, diff_rank_seed off):
+    # the Gumbel noise of every iteration is seeded from (seed, rank, iteration), so the
+    # two ranks draw different noise, and a resumed rank would draw the same again.
+    from sar_backbones.engine import SARNoiseSeedHook
+    seeds = [r['noise_seeds'] for r in ranks]
+    assert [len(s) for s in seeds] == [ITERS] * NPROC
+    runner_seed = seeds[0][0]['runner_seed']
+    assert {s['runner_seed'] for per_rank in seeds for s in per_rank} == {runner_seed}
+    for rank, per_rank in enumerate(seeds):
+        for step in per_rank:
+            assert step['seed'] == SARNoiseSeedHook.iteration_seed(runner_seed, step['iter'],
+                                                                   rank=rank)
+    assert len({s['seed'] for per_rank in seeds for s in per_rank}) == ITERS * NPROC
     for p in (rec[-1] for rec in records):
         assert 0 < p['local_act_rate'] < 1

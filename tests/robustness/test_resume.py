@@ -12,8 +12,10 @@ selectors have been perturbed so that the Gumbel noise really decides masks
 (at initialisation every region is selected whatever the noise).
 """
 import copy
+import random
 import uuid
 
+import numpy as np
 import pytest
 import torch
 from mmengine.hooks import Hook
@@ -102,7 +104,37 @@ class SeenHook(Hook):
         self.seen[runner.iter] = (backbone.temperature, backbone.target_rate)
 
 
-def make_runner(work_dir, extra_hooks=(), resume=False):
+class AugmentedToyImages(ToyImages):
+    """ToyImages with a random flip (Python's ``random``), a random 32x32 crop of the
+    4-pixel padded image (NumPy) and random brightness (PyTorch), drawn from the global
+    generators as OpenMMLab's transforms do."""
+
+    def __getitem__(self, index):
+        item = super().__getitem__(index)
+        image = item['inputs']
+        if random.random() < 0.5:
+            image = image.flip(-1)
+        top, left = np.random.randint(0, 9, size=2)
+        padded = torch.nn.functional.pad(image, (4, 4, 4, 4))
+        image = padded[:, top:top + 32, left:left + 32]
+        shift = torch.randint(-30, 31, ())
+        item['inputs'] = (image.int() + shift).clamp(0, 255).to(torch.uint8)
+        return item
+
+
+def make_runner(work_dir, extra_hooks=(), resume=False, by_epoch=False, augment=False,
+                seed_data=True):
+    dataset = AugmentedToyImages(size=8) if augment else ToyImages()
+    if by_epoch:
+        # Two epochs of two iterations; checkpoints at the end of each epoch.
+        loop = dict(train_cfg=dict(by_epoch=True, max_epochs=MAX_ITERS // 2),
+                    sampler=dict(type='DefaultSampler', shuffle=True),
+                    checkpoint=dict(type='CheckpointHook', interval=1))
+    else:
+        loop = dict(train_cfg=dict(by_epoch=False, max_iters=MAX_ITERS),
+                    sampler=dict(type='InfiniteSampler', shuffle=True),
+                    checkpoint=dict(type='CheckpointHook', interval=CHECKPOINT_INTERVAL,
+                                    by_epoch=False))
     return Runner(
         model=build_model(),
         work_dir=str(work_dir),
@@ -110,22 +142,21 @@ def make_runner(work_dir, extra_hooks=(), resume=False):
         # one MessageHub (and logger) instance, named after the timestamp.
         experiment_name=f'resume_test_{uuid.uuid4().hex}',
         default_scope='mmpretrain',
-        train_dataloader=dict(dataset=ToyImages(), batch_size=4, num_workers=0,
-                              sampler=dict(type='InfiniteSampler', shuffle=True)),
-        train_cfg=dict(by_epoch=False, max_iters=MAX_ITERS),
+        train_dataloader=dict(dataset=dataset, batch_size=4, num_workers=0,
+                              sampler=loop['sampler']),
+        train_cfg=loop['train_cfg'],
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05, momentum=0.9, nesterov=True,
                                           weight_decay=1e-4)),
         param_scheduler=[
             dict(type='LinearLR', start_factor=0.25, by_epoch=False, begin=0, end=2),
             dict(type='CosineAnnealingLR', by_epoch=False, begin=2, end=MAX_ITERS),
         ],
-        default_hooks=dict(
-            checkpoint=dict(type='CheckpointHook', interval=CHECKPOINT_INTERVAL, by_epoch=False),
-            logger=dict(type='LoggerHook', interval=1)),
+        default_hooks=dict(checkpoint=loop['checkpoint'],
+                           logger=dict(type='LoggerHook', interval=1)),
         custom_hooks=[
             dict(type='sar_backbones.SARTemperatureHook', start=1.0, end=0.01),
             dict(type='sar_backbones.SARTargetRateHook', milestones=MILESTONES),
-            dict(type='sar_backbones.SARNoiseSeedHook'),
+            dict(type='sar_backbones.SARNoiseSeedHook', seed_data=seed_data),
             *extra_hooks,
         ],
         resume=resume,
@@ -218,10 +249,66 @@ def test_interrupted_run_resumes_exactly(tmp_path, restore_determinism):
     _assert_nested_equal(ckpt_full['optimizer'], ckpt_resumed['optimizer'], 'optimizer')
 
 
-def test_noise_seed_depends_only_on_seed_and_iteration():
+def test_noise_seed_depends_only_on_seed_rank_and_iteration():
     from sar_backbones.engine.robust_hooks import SARNoiseSeedHook
 
     seed = SARNoiseSeedHook.iteration_seed
-    assert seed(0, 3) == seed(0, 3)
-    values = {seed(s, it) for s in (0, 1, 2**40) for it in range(50)}
-    assert len(values) == 150 and all(0 <= v < 2**63 for v in values)
+    assert seed(0, 3) == seed(0, 3) == seed(0, 3, rank=0, stream=0)
+    values = {seed(s, it, rank, stream) for s in (0, 1, 2**40) for it in range(20)
+              for rank in range(4) for stream in (0, 1)}
+    assert len(values) == 3 * 20 * 4 * 2 and all(0 <= v < 2**63 for v in values)
+    with pytest.raises(ValueError, match='rank'):
+        seed(0, 3, rank=-1)
+    with pytest.raises(ValueError, match='iteration'):
+        seed(0, -1)
+    with pytest.raises(TypeError, match='iteration'):
+        seed(0, 1.5)
+
+
+def _train_interrupted_and_resumed(tmp_path, **kwargs):
+    """(uninterrupted runner, resumed runner): crash during iteration 3, resume from 2."""
+    full = make_runner(tmp_path / 'full', **kwargs)
+    full.train()
+    work_dir = tmp_path / 'interrupted'
+    with pytest.raises(Interrupt):
+        make_runner(work_dir, [CrashAfter(at=CHECKPOINT_INTERVAL)], **kwargs).train()
+    resumed = make_runner(work_dir, resume=True, **kwargs)
+    resumed.train()
+    assert full.iter == resumed.iter == MAX_ITERS
+    return full, resumed
+
+
+def _same_weights(a, b):
+    state_a, state_b = a.model.state_dict(), b.model.state_dict()
+    return all(torch.equal(value, state_b[key]) for key, value in state_a.items())
+
+
+@pytest.mark.parametrize('by_epoch', [False, True], ids=['iter_loop', 'epoch_loop'])
+def test_resume_with_augmentation_in_the_main_process_is_exact(tmp_path, by_epoch,
+                                                                restore_determinism):
+    """num_workers=0 with random flips (random), crops (NumPy) and brightness (PyTorch):
+    SARNoiseSeedHook seeds all three before every batch is loaded."""
+    full, resumed = _train_interrupted_and_resumed(tmp_path, by_epoch=by_epoch, augment=True)
+    assert _same_weights(full, resumed)
+    _assert_nested_equal(full.optim_wrapper.state_dict(), resumed.optim_wrapper.state_dict(),
+                         'optimizer')
+    for key in ('train/loss', 'train/act_rate'):
+        want, got = (r.message_hub.get_scalar(key).data[0] for r in (full, resumed))
+        assert want.tolist() == got.tolist(), key
+
+
+@pytest.mark.parametrize('by_epoch', [False, True], ids=['iter_loop', 'epoch_loop'])
+def test_resume_with_augmentation_differs_without_data_seeding(tmp_path, by_epoch,
+                                                               restore_determinism):
+    """Why the data seeding is needed: checkpoints hold no generator state. The epoch
+    loop restarts from the generators seeded when the runner was built; the iteration
+    loop re-fetches the trained batches (replaying random/NumPy draws of the pipeline)
+    but PyTorch's generator was reseeded and used by every training iteration."""
+    full, resumed = _train_interrupted_and_resumed(tmp_path, by_epoch=by_epoch, augment=True,
+                                                   seed_data=False)
+    losses = [r.message_hub.get_scalar('train/loss').data[0].tolist() for r in (full, resumed)]
+    # Identical up to the checkpoint (the resumed hub holds the first run's values) ...
+    assert losses[0][:CHECKPOINT_INTERVAL] == losses[1][:CHECKPOINT_INTERVAL]
+    # ... then other augmentations: other losses and weights.
+    assert losses[0][CHECKPOINT_INTERVAL] != losses[1][CHECKPOINT_INTERVAL]
+    assert not _same_weights(full, resumed)
