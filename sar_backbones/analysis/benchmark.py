@@ -19,12 +19,14 @@ weights, part of the method) and compares with ``resnet{d}``. The other
 ResNet is timed too, for reference. FLOPs follow the paper's convention
 (:func:`~.complexity.model_complexity`, :func:`~.complexity.count_macs`).
 """
+import contextlib
 import copy
 import datetime
 import json
 import math
 import os
 import sys
+import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -71,6 +73,10 @@ class LatencyConfig:
     learned_backbone: Optional[SARResNet] = None  # a trained SAR backbone (learned masks)
     learned_inputs: Optional[Dict[Tuple[int, int], Tensor]] = None  # size -> (1,3,H,W)
     learned_name: str = 'learned'
+    # torch.compile (default inductor) on both sides: ResNet (BN folded) and the
+    # deployed SAR model (switch_to_deploy), as extra '+compiled' cases.
+    compile: bool = False
+    freezing: bool = False  # torch._inductor.config.freezing for both compiled sides
 
 
 def _size_key(size: Tuple[int, int]) -> str:
@@ -115,6 +121,43 @@ def _sar_call(model: SARResNet, x: Tensor, mode: str, rate: Optional[float],
     return call
 
 
+def _compiled_models(cfg: LatencyConfig, resnets: Dict[int, Dict[str, nn.Module]],
+                     sars: Dict[int, SARResNet], meta: dict) -> Dict[int, Dict[str, nn.Module]]:
+    """``torch.compile`` of the BN-folded ResNet and of a deployed copy of each SAR model.
+
+    Compilation itself happens on the first call (timed in :func:`_time_compilation`);
+    the deploy time goes to ``meta['deploy_s']``.
+    """
+    import torch._dynamo
+    from sar_backbones.inference.deploy import deploy_backbone
+
+    # One graph per (mode, rate, size) of the same SAR forward: allow them all.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    compiled = {}
+    meta['deploy_s'] = {}
+    for depth, sar in sars.items():
+        deployed = copy.deepcopy(sar).eval()
+        start = time.perf_counter()
+        deploy_backbone(deployed)
+        meta['deploy_s'][str(depth)] = time.perf_counter() - start
+        resnet = copy.deepcopy(resnets[depth][f'resnet{depth}+fold'])
+        compiled[depth] = dict(resnet=torch.compile(resnet), sar=torch.compile(deployed),
+                               deployed=deployed)
+    return compiled
+
+
+def _time_compilation(cases: 'OrderedDict[str, Callable[[], object]]', info: Dict[str, dict],
+                      where: str, meta: dict, log: Callable[[str], None]) -> None:
+    """Call every compiled case once (compiling it) and record the time in ``meta['compile_s']``."""
+    times = meta.setdefault('compile_s', {})
+    for name, call in cases.items():
+        if info[name].get('compiled'):
+            start = time.perf_counter()
+            call()
+            times[f'{name} {where}'] = time.perf_counter() - start
+            log(f'[compile] {name} {where}: {times[f"{name} {where}"]:.1f} s')
+
+
 def _fmt_rate(rate) -> str:
     return rate if isinstance(rate, str) else f'{rate:.2f}'
 
@@ -122,8 +165,21 @@ def _fmt_rate(rate) -> str:
 def run_latency_benchmark(cfg: LatencyConfig,
                           log: Callable[[str], None] = print) -> Dict[str, object]:
     """Run the benchmark; returns a JSON-serialisable dict (``meta``, ``results``, ...)."""
-    with conv_backend(cfg.conv_backend):
+    if cfg.freezing and not cfg.compile:
+        raise ValueError('freezing needs compile=True')
+    with conv_backend(cfg.conv_backend), _inductor_freezing(cfg.freezing):
         return _run_latency_benchmark(cfg, log)
+
+
+@contextlib.contextmanager
+def _inductor_freezing(freezing: bool):
+    """``torch._inductor.config.freezing`` for the run (both compiled sides alike)."""
+    if not freezing:
+        yield
+        return
+    import torch._inductor.config as inductor_config
+    with inductor_config.patch(freezing=True):
+        yield
 
 
 def _run_latency_benchmark(cfg: LatencyConfig, log: Callable[[str], None]) -> Dict[str, object]:
@@ -161,6 +217,7 @@ def _run_latency_benchmark(cfg: LatencyConfig, log: Callable[[str], None]) -> Di
     learned = None
     if cfg.learned_backbone is not None:
         learned = _prepare(cfg.learned_backbone, fold_sar, cfg.channels_last)
+    compiled = _compiled_models(cfg, resnets, sars, meta) if cfg.compile else {}
 
     ref_suffix = '+fold' if fold_sar else ''
     profile_jobs: list = []
@@ -190,6 +247,19 @@ def _run_latency_benchmark(cfg: LatencyConfig, log: Callable[[str], None]) -> Di
                         cases[name] = _sar_call(sar, x, mode, rate, cfg.seed)
                         info[name] = dict(model=name, family='sar', depth=depth, bn_fold=fold_sar,
                                           mode=mode, rate=rate)
+                if cfg.compile:
+                    _set_patches(compiled[depth]['deployed'], patch['patch_grid'],
+                                 patch['patch_size'])
+                    name = f'resnet{depth}+compiled'
+                    cases[name] = (lambda m=compiled[depth]['resnet']: m(x))
+                    info[name] = dict(model=name, family='resnet', depth=depth, bn_fold=True,
+                                      mode=None, rate=None, compiled=True)
+                    for rate in cfg.rates:
+                        for mode in cfg.modes:
+                            name = f'sar{depth}-{mode}@{rate:.2f}+compiled'
+                            cases[name] = _sar_call(compiled[depth]['sar'], x, mode, rate, cfg.seed)
+                            info[name] = dict(model=name, family='sar', depth=depth, bn_fold=True,
+                                              mode=mode, rate=rate, compiled=True)
                 learned_here = learned is not None and learned.depth == depth
                 if learned_here:
                     lx = (cfg.learned_inputs or {}).get(size, x)
@@ -202,6 +272,8 @@ def _run_latency_benchmark(cfg: LatencyConfig, log: Callable[[str], None]) -> Di
                                           mode=mode, rate=cfg.learned_name)
 
                 with torch.inference_mode():
+                    if cfg.compile:  # first: the checks below would compile them untimed
+                        _time_compilation(cases, info, f'{key} threads={count}', meta, log)
                     if cfg.check and 'dense' in cfg.modes and 'sparse' in cfg.modes:
                         check_rate = 0.5 if 0.5 in cfg.rates else cfg.rates[0]
                         dense_out = _sar_call(sar, x, 'dense', check_rate, cfg.seed)()
@@ -211,6 +283,14 @@ def _run_latency_benchmark(cfg: LatencyConfig, log: Callable[[str], None]) -> Di
                                            max_rel_error=err))
                         log(f'[check] {key} depth {depth} rate {check_rate}: sparse vs dense '
                             f'max rel error {err:.2e}')
+                        if cfg.compile:
+                            compiled_out = _sar_call(compiled[depth]['sar'], x, 'sparse',
+                                                     check_rate, cfg.seed)()
+                            err = max_relative_error(compiled_out, dense_out)
+                            checks.append(dict(size=key, depth=depth, rate=check_rate,
+                                               max_rel_error=err, case='compiled sparse'))
+                            log(f'[check] {key} depth {depth} rate {check_rate}: compiled sparse '
+                                f'vs eager dense max rel error {err:.2e}')
                     # FLOPs (paper convention), once per size and depth.
                     fkey = (key, depth)
                     if fkey not in flops_cache:
@@ -285,6 +365,10 @@ def _run_latency_benchmark(cfg: LatencyConfig, log: Callable[[str], None]) -> Di
                         row['flops'] = flops['by_rate'][row['rate']]
                         row['activation_rate'] = flops['actual_rate'][row['rate']]
                     row['flops_ratio'] = row['flops'] / flops['resnet']
+                    if row.get('compiled'):
+                        # Compiled against compiled: the side-by-side the issue asks for.
+                        row['ratio_vs_resnet_compiled'] = \
+                            st['median_ms'] / stats[f'resnet{depth}+compiled']['median_ms']
                     if row['mode'] == 'sparse':
                         dense_name = name.replace('-sparse@', '-dense@')
                         if dense_name in stats:
@@ -412,21 +496,23 @@ def target_summary(report: Dict[str, object], depth: int = 50, rate: float = 0.5
                             kind=target['kind'], measured=value, cpu_time_measure=cpu, met=met))
     # Latency falls steadily with the rate: sparse medians ordered by rate, every depth.
     everything = report['results']
-    for d in sorted({r['depth'] for r in everything}):
-        for size in sorted({r['size'] for r in everything if r['depth'] == d}):
-            for threads in sorted({r['threads'] for r in everything}):
-                sweep = sorted((r['rate'], r['median_ms']) for r in everything
-                               if r['depth'] == d and r['size'] == size and
-                               r['threads'] == threads and r['mode'] == 'sparse' and
-                               not isinstance(r['rate'], str))
-                if len(sweep) < 2:
-                    continue
-                steps = [b[1] - a[1] for a, b in zip(sweep, sweep[1:])]
-                out.append(dict(target=f'{size}, depth {d}: sparse latency falls with the rate',
-                                threads=threads, kind='monotone', limit=None,
-                                measured=f'{sum(s > 0 for s in steps)}/{len(steps)} steps up',
-                                cpu_time_measure=None, met=all(s > 0 for s in steps),
-                                sweep_ms={f'{r:.2f}': round(m, 2) for r, m in sweep}))
+    for d, size, threads, compiled in sorted({
+            (r['depth'], r['size'], r['threads'], bool(r.get('compiled'))) for r in everything}):
+        # One sweep per depth, size, thread count and eager/compiled.
+        sweep = sorted((r['rate'], r['median_ms']) for r in everything
+                       if r['depth'] == d and r['size'] == size and
+                       r['threads'] == threads and r['mode'] == 'sparse' and
+                       bool(r.get('compiled')) == compiled and
+                       not isinstance(r['rate'], str))
+        if len(sweep) < 2:
+            continue
+        steps = [b[1] - a[1] for a, b in zip(sweep, sweep[1:])]
+        label = ' (compiled)' if compiled else ''
+        out.append(dict(target=f'{size}, depth {d}: sparse{label} latency falls with the rate',
+                        threads=threads, kind='monotone', limit=None,
+                        measured=f'{sum(s > 0 for s in steps)}/{len(steps)} steps up',
+                        cpu_time_measure=None, met=all(s > 0 for s in steps),
+                        sweep_ms={f'{r:.2f}': round(m, 2) for r, m in sweep}))
     return out
 
 
@@ -549,11 +635,12 @@ def format_table(rows: Sequence[dict], ref_suffix: str = '') -> str:
     if not rows:
         return ''
     first = rows[0]
+    compiled = any(r.get('compiled') for r in rows)
     head = (f"\n### {first['size']}, {first['threads']} thread(s), depth {first['depth']} "
             f"(ratios vs resnet{first['depth']}{ref_suffix})\n\n"
             '| case | rate | median ms | IQR ms | latency ratio | FLOPs ratio | sparse vs dense '
-            '| min-time ratio | CPU-time ratio |\n'
-            '|---|---|---|---|---|---|---|---|---|\n')
+            '| min-time ratio | CPU-time ratio |' + (' vs compiled ResNet |' if compiled else '')
+            + '\n|---|---|---|---|---|---|---|---|---|' + ('---|' if compiled else '') + '\n')
     lines = []
     for r in rows:
         rate = '' if r['rate'] is None else _fmt_rate(r['rate'])
@@ -565,6 +652,9 @@ def format_table(rows: Sequence[dict], ref_suffix: str = '') -> str:
                      f"{r['p25_ms']:.1f}-{r['p75_ms']:.1f} | {r['ratio_vs_resnet']:.3f} | "
                      f"{r['flops_ratio']:.3f} | {speed} | {r['min_ratio_vs_resnet']:.3f} | "
                      f"{r['cpu_ratio_vs_resnet']:.3f} |")
+        if compiled:
+            ratio = r.get('ratio_vs_resnet_compiled')
+            lines[-1] += f" {ratio:.3f} |" if ratio is not None else ' |'
     return head + '\n'.join(lines) + '\n'
 
 
@@ -691,7 +781,15 @@ def format_report(report: Dict[str, object]) -> str:
     ]
     for check in report.get('checks', []):
         lines.append(f"- check {check['size']} depth {check['depth']} rate {check['rate']}: "
-                     f"sparse vs dense max rel error {check['max_rel_error']:.1e}")
+                     f"{check.get('case', 'sparse')} vs dense max rel error "
+                     f"{check['max_rel_error']:.1e}")
+    if cfg.get('compile'):
+        deploy = ', '.join(f'depth {d}: {t:.2f} s' for d, t in meta.get('deploy_s', {}).items())
+        compile_times = ', '.join(f'{k}: {t:.1f} s' for k, t in meta.get('compile_s', {}).items())
+        lines.append(f"- torch.compile (inductor, freezing {'on' if cfg.get('freezing') else 'off'})"
+                     ' on both sides: ResNet with BN folded, SAR deployed (switch_to_deploy); '
+                     "'+compiled' rows, last column: latency / compiled ResNet's latency")
+        lines.append(f'- deploy time: {deploy}; compile time (first call): {compile_times}')
     lines.append('')
     lines.append('## Summary (rate 0.5)\n')
     lines.append(format_summary(report))

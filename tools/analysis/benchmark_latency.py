@@ -25,48 +25,66 @@ import argparse
 import os.path as osp
 import re
 import sys
+from typing import Tuple, Union
 
 from sar_backbones.analysis.benchmark import LatencyConfig, run_latency_benchmark, save_report
-from sar_backbones.analysis.latency import machine_info, parse_size
+from sar_backbones.analysis.latency import machine_info
+from sar_backbones.utils.cli import (MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, ArgumentParser,
+                                     check_inputs_exist, check_report_paths, float_in, int_in,
+                                     non_negative_int, positive_int, size_in)
+
+
+DEPTHS = (18, 34, 50, 101)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--depths', type=int, nargs='+', default=[18, 34, 50])
-    p.add_argument('--sizes', nargs='+', default=['224x224', '800x1216'], help='HxW or H')
-    p.add_argument('--threads', type=int, nargs='+', default=[1, 0], help='0 = all logical CPUs')
-    p.add_argument('--rates', type=float, nargs='+',
+    """Parse and check the command line; a mistake exits 2 with one line naming the argument."""
+    p = ArgumentParser(description=__doc__.split('\n\n')[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--depths', type=int, nargs='+', default=[18, 34, 50], choices=DEPTHS)
+    p.add_argument('--sizes', type=size_in(MIN_IMAGE_SIDE, MAX_IMAGE_SIDE), nargs='+',
+                   default=[(224, 224), (800, 1216)], help='HxW or H')
+    p.add_argument('--threads', type=int_in(0, 4096), nargs='+', default=[1, 0],
+                   help='0 = all logical CPUs')
+    p.add_argument('--rates', type=float_in(0.0, 1.0), nargs='+',
                    default=[0.0, 0.2, 0.35, 0.5, 0.65, 0.8, 1.0],
                    help='activation rates of the random masks; 0 measures the floor (no patch '
                         'refined) that the target headroom table needs')
-    p.add_argument('--variant', default='g2s2a2b1', help='SAR variant besides depth, e.g. g2s2a2b1')
-    p.add_argument('--reps', type=int, default=20, help='timed rounds per case')
-    p.add_argument('--reps-large', type=int, default=None,
+    p.add_argument('--variant', type=variant, default=(2, 2, 2, 1),
+                   help='SAR variant besides depth, e.g. g2s2a2b1')
+    p.add_argument('--reps', type=positive_int, default=20, help='timed rounds per case')
+    p.add_argument('--reps-large', type=positive_int, default=None,
                    help='timed rounds for sizes above 224x224 (default: --reps)')
-    p.add_argument('--depths-large', type=int, nargs='+', default=None,
+    p.add_argument('--depths-large', type=int, nargs='+', default=None, choices=DEPTHS,
                    help='depths for sizes above 224x224 (default: --depths)')
-    p.add_argument('--warmup', type=int, default=3, help='untimed rounds first')
+    p.add_argument('--warmup', type=non_negative_int, default=3, help='untimed rounds first')
     p.add_argument('--modes', nargs='+', default=['dense', 'sparse'], choices=['dense', 'sparse'])
     p.add_argument('--bn-fold', default='both', choices=['both', 'neither'],
                    help='fold BN into convs on both sides (SAR vs resnet+fold) or neither '
                         '(SAR vs plain resnet); the sparse refine path folds internally either way')
     p.add_argument('--channels-last', action='store_true', help='channels-last on both sides')
+    p.add_argument('--compile', action='store_true',
+                   help="also time torch.compile (inductor) of both networks: ResNet with BN "
+                        "folded and SAR deployed (switch_to_deploy); '+compiled' rows, deploy "
+                        'and compile times in the report')
+    p.add_argument('--freezing', action='store_true',
+                   help='torch._inductor.config.freezing for both compiled networks '
+                        '(needs --compile)')
     p.add_argument('--conv-backend', default='default', choices=['default', 'onednn'],
                    help="conv kernels on both sides: PyTorch's default dispatch, or oneDNN for "
                         'every conv (PyTorch sends batch-1 1x1 convs on one thread to THNN)')
     p.add_argument('--patch-mode', default='auto', choices=['auto', 'grid', 'size'],
                    help='auto: patch grid 14/7/2 at 224x224, patch size 4/4/7 px otherwise')
-    p.add_argument('--patch-grid', type=int, nargs=3, default=None, metavar='K',
+    p.add_argument('--patch-grid', type=positive_int, nargs=3, default=None, metavar='K',
                    help='patch grid per SAR stage in grid mode (default: 14 7 2)')
-    p.add_argument('--patch-size', type=int, nargs=3, default=None, metavar='P',
+    p.add_argument('--patch-size', type=positive_int, nargs=3, default=None, metavar='P',
                    help='patch size in pixels per SAR stage in size mode (default: 4 4 7)')
     p.add_argument('--per-stage', action='store_true', help='time each stage/part with hooks')
-    p.add_argument('--per-stage-reps', type=int, default=5)
-    p.add_argument('--per-stage-rates', type=float, nargs='+', default=None,
+    p.add_argument('--per-stage-reps', type=positive_int, default=5)
+    p.add_argument('--per-stage-rates', type=float_in(0.0, 1.0), nargs='+', default=None,
                    help='rates for the per-stage breakdown (default: all)')
     p.add_argument('--profile', action='store_true', help='torch.profiler top ops of sparse SAR')
-    p.add_argument('--profile-rate', type=float, default=0.5)
+    p.add_argument('--profile-rate', type=float_in(0.0, 1.0), default=0.5)
     p.add_argument('--no-check', action='store_true', help='skip the sparse == dense check')
     p.add_argument('--config', help='config of a trained model (learned masks)')
     p.add_argument('--preset', help='backbone preset of a backbone-only --checkpoint')
@@ -76,10 +94,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--out', default=None,
                    help='JSON path (markdown next to it); default '
                         'benchmarks/results/latency_<machine>.json')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--overwrite', action='store_true',
+                   help='replace an existing --out JSON and its markdown')
+    p.add_argument('--seed', type=non_negative_int, default=0)
     p.add_argument('--render', metavar='JSON',
-                   help='only re-write the markdown report of an existing results JSON')
-    return p.parse_args(argv)
+                   help='only re-write the report (markdown and targets) of this existing '
+                        'results JSON, in place')
+    args = p.parse_args(argv)
+    if args.render:
+        if args.out is not None:
+            p.error('argument --out: not allowed with --render (which re-writes its JSON)')
+        if not osp.isfile(args.render):
+            p.error(f'argument --render: no results JSON at {args.render}')
+        return args
+    if args.checkpoint is None:
+        for option, value in (('--config', args.config), ('--preset', args.preset),
+                              ('--images', args.images)):
+            if value is not None:
+                p.error(f'argument {option}: needs --checkpoint')
+    elif (args.config is None) == (args.preset is None):
+        p.error('argument --checkpoint: needs exactly one of --config and --preset')
+    if args.freezing and not args.compile:
+        p.error('argument --freezing: needs --compile')
+    if args.per_stage_rates and not args.per_stage:
+        p.error('argument --per-stage-rates: needs --per-stage')
+    if args.out is None:
+        args.out = osp.join('benchmarks', 'results', f'latency_{machine_tag()}.json')
+    inputs = [('--config', args.config), ('--checkpoint', args.checkpoint),
+              ('--images', args.images)]
+    check_inputs_exist(p, inputs)
+    check_report_paths(p, args.out, args.overwrite, inputs)
+    return args
 
 
 def machine_tag() -> str:
@@ -88,10 +133,12 @@ def machine_tag() -> str:
     return f"{tag}-{info['logical_cpus']}cpu"
 
 
-def _variant(text: str):
-    m = re.fullmatch(r'g(\d+)s(\d+)a(\d+)b(\d+(?:\.\d+)?)', text.lower())
-    if not m:
-        raise SystemExit(f'--variant must look like g2s2a2b1, got {text!r}')
+def variant(text: str) -> Tuple[int, int, int, Union[int, float]]:
+    """``type=`` of ``--variant``: ``g<G>s<s>a<alpha>b<beta>`` -> ``(G, s, alpha, beta)``."""
+    m = re.fullmatch(r'g(\d+)s(\d+)a(\d+)b(\d+(?:\.\d+)?)', str(text).lower())
+    if not m or min(int(m[1]), int(m[2]), int(m[3])) < 1 or float(m[4]) <= 0:
+        raise argparse.ArgumentTypeError(
+            f'must look like g2s2a2b1 (G, s, alpha >= 1, beta > 0), got {text!r}')
     beta = float(m[4])
     return int(m[1]), int(m[2]), int(m[3]), int(beta) if beta.is_integer() else beta
 
@@ -100,8 +147,6 @@ def _learned(args, sizes):
     """The trained backbone and the inputs its masks are measured on."""
     if args.checkpoint is None:
         return None, None
-    if not (args.config or args.preset):
-        raise SystemExit('--checkpoint needs --config or --preset')
     from sar_backbones.analysis.presets import load_model
     backbone = load_model(args.config, None if args.config else args.preset,
                           args.checkpoint).backbone
@@ -131,7 +176,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.render:
         return render(args.render)
-    sizes = [parse_size(s) for s in args.sizes]
+    sizes = [tuple(size) for size in args.sizes]
     reps_by_size = {}
     if args.reps_large is not None:
         reps_by_size = {f'{h}x{w}': args.reps_large for h, w in sizes if h * w > 224 * 224}
@@ -146,14 +191,15 @@ def main(argv=None) -> dict:
         patches['patch_size'] = tuple(args.patch_size)
     cfg = LatencyConfig(
         depths=args.depths, sizes=sizes, threads=args.threads, rates=args.rates,
-        variant=_variant(args.variant), reps=args.reps, warmup=args.warmup,
+        variant=args.variant, reps=args.reps, warmup=args.warmup,
         reps_by_size=reps_by_size, depths_by_size=depths_by_size, modes=args.modes, bn_fold=args.bn_fold,
         channels_last=args.channels_last, conv_backend=args.conv_backend,
+        compile=args.compile, freezing=args.freezing,
         patch_mode=args.patch_mode, **patches, per_stage=args.per_stage,
         per_stage_reps=args.per_stage_reps, per_stage_rates=args.per_stage_rates,
         profile=args.profile, profile_rate=args.profile_rate, check=not args.no_check,
         seed=args.seed, learned_backbone=learned, learned_inputs=inputs)
-    out = args.out or osp.join('benchmarks', 'results', f'latency_{machine_tag()}.json')
+    out = args.out
     # Models are built outside inference mode (their folded weights must stay
     # ordinary tensors); the timing itself runs under torch.inference_mode().
     report = run_latency_benchmark(cfg, log=lambda s: print(s, flush=True))
@@ -167,4 +213,15 @@ def main(argv=None) -> dict:
 
 
 if __name__ == '__main__':
-    main()
+    import os
+    import sys
+
+    from sar_backbones.models.backbones.checkpoint import (BackboneCheckpointMismatchError,
+                                                           CheckpointReadError)
+    try:
+        main()
+    except (CheckpointReadError, BackboneCheckpointMismatchError) as error:
+        # --checkpoint unreadable or of another model: one line, exit 2.
+        message = ' '.join(str(error).split())
+        sys.stderr.write(f'{os.path.basename(sys.argv[0])}: error: {message}\n')
+        sys.exit(2)

@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .memory_format import memory_format_of, rows_to_nchw
+from sar_backbones.inference.memory_format import memory_format_of, rows_to_nchw
 
 
 def nearest_source_index(out_size: int, in_size: int, device: torch.device) -> Tensor:

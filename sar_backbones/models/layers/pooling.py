@@ -45,5 +45,9 @@ class DepthwiseAvgPool2d(nn.AvgPool2d):
         return self._kernels[key]
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            # The compiler generates its own pooling kernel; the cached
+            # kernel tensor (created outside inference mode) would not trace.
+            return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding)
         return F.conv2d(x, self._kernel(x), stride=self.stride, padding=self.padding,
                         groups=x.shape[1])

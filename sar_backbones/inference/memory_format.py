@@ -47,5 +47,10 @@ def blocked_nchw_copy(device: torch.device) -> bool:
 
 
 def rows_to_nchw(x: Tensor) -> Tensor:
-    """A contiguous (NCHW) copy of an NHWC-strided ``(B, C, H, W)`` tensor (differentiable)."""
-    return nchw_copy_blocked(x) if blocked_nchw_copy(x.device) else x.contiguous()
+    """A contiguous (NCHW) copy of an NHWC-strided ``(B, C, H, W)`` tensor (differentiable).
+
+    Under ``torch.compile`` the compiler generates the copy itself.
+    """
+    if torch.compiler.is_compiling() or not blocked_nchw_copy(x.device):
+        return x.contiguous()
+    return nchw_copy_blocked(x)
