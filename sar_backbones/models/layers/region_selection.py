@@ -1,6 +1,6 @@
 """Region selection (paper Sec. III-A.2, Eq. 2 and Eq. 8-9)."""
 import weakref
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -10,7 +10,8 @@ from mmcv.cnn import build_norm_layer
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .blocks import fold_conv_norm, weights_key
+from .blocks import DEPLOYED_TRAIN_ERROR, check_plain_conv, fold_conv_norm, weights_key
+from .gumbel import straight_through_gumbel
 
 # Initial logits of {skip, keep}: keep wins by a wide margin, so that training
 # starts with every region selected (paper: "initialized to select the whole
@@ -19,58 +20,24 @@ _INIT_SKIP_LOGIT = 1.0
 _INIT_KEEP_LOGIT = 10.0
 
 
-def straight_through_gumbel(keep_logit: Tensor, skip_logit: Tensor, tau: float,
-                            generator: Optional[torch.Generator] = None,
-                            noise_scale: float = 1.0) -> Tensor:
-    """Hard binary Gumbel-softmax sample with straight-through gradients.
-
-    Forward: ``1[keep_logit + g1 > skip_logit + g0]`` with i.i.d. Gumbel
-    noise (Eq. 8). Backward: the gradient of the relaxed two-way softmax at
-    temperature ``tau`` (Eq. 9). Sampling runs in float32 so that the noise
-    ``-log(-log(u))`` stays finite under autocast.
-
-    ``noise_scale`` multiplies the noise (1: the paper; 0: the deterministic
-    inference decision, still with the relaxed gradient); see
-    :class:`~sar_backbones.engine.SARGumbelNoiseHook`.
-    """
-    keep_logit, skip_logit = keep_logit.float(), skip_logit.float()
-    margin = keep_logit - skip_logit
-    if noise_scale > 0:
-        tiny = torch.finfo(torch.float32).tiny
-        uniform = torch.rand((2, ) + keep_logit.shape, device=keep_logit.device,
-                             generator=generator).clamp_(tiny, 1.0 - 1e-7)
-        gumbel = -torch.log(-torch.log(uniform))
-        margin = margin + noise_scale * (gumbel[1] - gumbel[0])
-    # softmax over {skip, keep} of the keep entry == sigmoid of the difference.
-    soft_keep = torch.sigmoid(margin / tau)
-    return _BinarizeStraightThrough.apply(soft_keep)
-
-
-class _BinarizeStraightThrough(torch.autograd.Function):
-    """``1[p > 0.5]`` forward, identity backward: exact 0/1 values, the soft gradient."""
-
-    @staticmethod
-    def forward(ctx, soft: Tensor) -> Tensor:
-        hard = (soft > 0.5).to(soft.dtype)
-        # NaN would binarise to 0 ("skip") and hide a diverged selector from the
-        # rate loss's finiteness check; let it through instead.
-        return torch.where(torch.isnan(soft), soft, hard)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad
-
-
 class RegionSelector(nn.Module):
     """Predicts which patches of each channel group the refine block processes.
 
     ``logits = W_1x1 * AvgPool_K(ReLU(BN(W_3x3 * x_base)))`` (Eq. 2) with all
     convolutions grouped by ``G`` so that each group decides for itself.
 
+    The norm is the backbone's ``norm_cfg`` with one exception: a GroupNorm
+    config (``type='GN'``) is built with ``G`` groups, one per mask group,
+    whatever its ``num_groups``. The hidden layer has only
+    ``hidden_per_group * G`` channels (4G), which the usual 32 groups of
+    mmdet/mmseg GN configs do not divide, and a norm group spanning two
+    mask groups would let one group's features shift the other's decision.
+    Per-channel norms (BatchNorm, SyncBN) are built as configured.
+
     Args:
         in_channels (int): Channels of the base-branch feature ``C/alpha``.
         groups (int): Number of channel groups ``G`` of the refine branch.
-        norm_cfg (dict): Norm layer config.
+        norm_cfg (dict): Norm layer config (GroupNorm: see above).
         hidden_per_group (int): Hidden channels per group. Defaults to 4.
 
     Example:
@@ -86,7 +53,7 @@ class RegionSelector(nn.Module):
         hidden = hidden_per_group * groups
         self.groups = groups
         self.conv = nn.Conv2d(in_channels, hidden, 3, padding=1, groups=groups, bias=False)
-        self.norm = build_norm_layer(norm_cfg, hidden)[1]
+        self.norm = build_norm_layer(selector_norm_cfg(norm_cfg, groups), hidden)[1]
         self.relu = nn.ReLU(inplace=True)
         self.fc = nn.Conv2d(hidden, 2 * groups, 1, groups=groups, bias=True)
         # Scale of the Gumbel noise in training (1: the paper's sampling).
@@ -119,7 +86,32 @@ class RegionSelector(nn.Module):
         skip, keep = logits.unbind(dim=2)
         if self.training:
             return straight_through_gumbel(keep, skip, tau, noise_scale=self.noise_scale)
+        check_finite_logits(logits, lambda: 'a region selector')
         return (keep > skip).to(x.dtype)
+
+
+def selector_norm_cfg(norm_cfg: dict, groups: int) -> dict:
+    """The norm config of a region selector: GroupNorm gets one group per mask group ``G``."""
+    if isinstance(norm_cfg, dict) and norm_cfg.get('type') == 'GN':
+        return {**norm_cfg, 'num_groups': groups}
+    return norm_cfg
+
+
+def check_finite_logits(logits: Tensor, describe: Callable[[], str]) -> None:
+    """Raise if inference logits are NaN or infinite (eager only).
+
+    ``keep > skip`` is False for NaN, so a diverged selector would silently
+    refine nothing. The check costs one device synchronisation; it is left
+    out under ``torch.compile`` and CUDA graph capture, where it cannot run.
+    """
+    if torch.compiler.is_compiling() or (
+            logits.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    if not bool(torch.isfinite(logits).all()):
+        raise FloatingPointError(
+            f'{describe()} produced non-finite {{skip, keep}} logits at inference, which would '
+            'silently refine nothing; check the input image for NaN/inf and the selector '
+            'weights (a diverged or corrupted checkpoint)')
 
 
 class _StackedSelectors(NamedTuple):
@@ -174,10 +166,24 @@ class RegionSelectors(nn.ModuleList):
         """Masks ``(B, G, Kh, Kw)`` of every selector from its feature ``(B, C, h, w)``."""
         if len(features) != len(self):
             raise ValueError(f'{len(self)} region selectors got {len(features)} features')
-        stacked_bytes = sum(feature.numel() * feature.element_size() for feature in features)
-        if stacked_bytes <= _STACK_MAX_BYTES and self.can_stack():
+        if _stack_inputs(features) and self.can_stack():
             return self._stacked_forward(features, grid)
-        return [selector(feature, grid, tau) for selector, feature in zip(self, features)]
+        masks = []
+        for index, (selector, feature) in enumerate(zip(self, features)):
+            try:
+                masks.append(selector(feature, grid, tau))
+            except FloatingPointError as error:
+                raise FloatingPointError(str(error).replace(
+                    'a region selector', f'{self.name}.{index} (the selector of refine block '
+                    f'{index})', 1)) from None
+        return masks
+
+    # Where the selectors sit in the model, for error messages (the SAR stage sets it).
+    name = 'selectors'
+
+    def switch_to_deploy(self) -> 'StackedRegionSelectors':
+        """The selectors stacked into one module, BatchNorm folded (:class:`StackedRegionSelectors`)."""
+        return StackedRegionSelectors(self)
 
     def can_stack(self) -> bool:
         """Whether the forward runs the selectors stacked (see the class docstring)."""
@@ -216,6 +222,111 @@ class RegionSelectors(nn.ModuleList):
                           padding=1, groups=groups).relu_()
         logits = F.conv2d(F.adaptive_avg_pool2d(hidden, grid), stacked.fc_weight.to(dtype),
                           stacked.fc_bias.to(dtype), groups=groups)
-        skip, keep = logits.view(x.shape[0], len(self), groups_per_selector, 2,
-                                 *grid).unbind(dim=3)
+        logits = logits.view(x.shape[0], len(self), groups_per_selector, 2, *grid)
+        check_finite_logits(logits, lambda: _first_non_finite(logits, self.name))
+        skip, keep = logits.unbind(dim=3)
         return list((keep > skip).to(dtype).unbind(dim=1))
+
+
+def _stack_inputs(features: Sequence[Tensor]) -> bool:
+    """Whether stacking the selectors' inputs is cheap (see :class:`RegionSelectors`)."""
+    return sum(feature.numel() * feature.element_size() for feature in features) \
+        <= _STACK_MAX_BYTES
+
+
+def _first_non_finite(logits: Tensor, name: str) -> str:
+    """Name the first selector whose logits ``(B, N, G, 2, Kh, Kw)`` are not finite."""
+    bad = (~torch.isfinite(logits)).transpose(0, 1).flatten(1).any(1)
+    index = int(bad.nonzero()[0]) if bool(bad.any()) else 0
+    return f'{name}.{index} (the selector of refine block {index})'
+
+
+class StackedRegionSelectors(nn.Module):
+    """The ``N`` region selectors of a stage as one deployed module (BatchNorm folded).
+
+    What :meth:`RegionSelectors.switch_to_deploy` returns: the selectors' 3x3
+    convolutions (with their norms folded) and their 1x1 FCs concatenated
+    along the output channels into two grouped convolutions of ``N*G``
+    groups, which are the module's only weights. Small inputs are stacked
+    and run in one call per layer; large ones (over 2 MiB in all, see
+    :class:`RegionSelectors`) run selector by selector on views of the same
+    weights. Same masks as the selectors in eval mode.
+
+    Args:
+        selectors (RegionSelectors): Eval-mode selectors with BatchNorm (or
+            an ``nn.Identity`` left by ``mmcv.cnn.fuse_conv_bn``).
+    """
+
+    def __init__(self, selectors: RegionSelectors) -> None:
+        super().__init__()
+        if selectors.training:
+            raise RuntimeError('switch_to_deploy() needs an eval model: call .eval() first')
+        first = selectors[0]
+        self.num_selectors = len(selectors)
+        self.groups = first.groups
+        self.name = selectors.name
+        groups = self.num_selectors * self.groups
+        hidden = first.conv.out_channels
+        folded = []
+        for index, selector in enumerate(selectors):
+            check_plain_conv(selector.conv, f'{self.name}.{index}.conv')
+            try:
+                folded.append(fold_conv_norm(selector.conv, selector.norm))
+            except TypeError as error:
+                raise TypeError(f'{self.name}.{index}.norm: {error}') from None
+        with torch.no_grad():
+            self.conv = nn.Conv2d(first.conv.in_channels * self.num_selectors,
+                                  hidden * self.num_selectors, 3, padding=1, groups=groups,
+                                  device=first.conv.weight.device, dtype=first.conv.weight.dtype)
+            self.conv.weight.copy_(torch.cat([weight for weight, _ in folded]))
+            self.conv.bias.copy_(torch.cat([bias for _, bias in folded]))
+            self.fc = nn.Conv2d(hidden * self.num_selectors, first.fc.out_channels *
+                                self.num_selectors, 1, groups=groups,
+                                device=first.fc.weight.device, dtype=first.fc.weight.dtype)
+            self.fc.weight.copy_(torch.cat([selector.fc.weight for selector in selectors]))
+            self.fc.bias.copy_(torch.cat([selector.fc.bias for selector in selectors]))
+        self.requires_grad_(False)
+
+    def __len__(self) -> int:
+        return self.num_selectors
+
+    def train(self, mode: bool = True) -> 'StackedRegionSelectors':
+        if mode:
+            raise RuntimeError(DEPLOYED_TRAIN_ERROR)
+        return super().train(mode)
+
+    def forward(self, features: Sequence[Tensor], grid: Tuple[int, int],
+                tau: float) -> List[Tensor]:
+        """Masks ``(B, G, Kh, Kw)`` of every selector (``tau`` is unused: eval only)."""
+        if len(features) != self.num_selectors:
+            raise ValueError(f'{self.num_selectors} region selectors got {len(features)} features')
+        groups = self.num_selectors * self.groups
+        dtype = features[0].dtype
+        conv_weight, conv_bias = _cast(self.conv.weight, dtype), _cast(self.conv.bias, dtype)
+        fc_weight, fc_bias = _cast(self.fc.weight, dtype), _cast(self.fc.bias, dtype)
+        if _stack_inputs(features):
+            hidden = F.conv2d(torch.cat(list(features), dim=1), conv_weight, conv_bias,
+                              padding=1, groups=groups).relu_()
+            logits = F.conv2d(F.adaptive_avg_pool2d(hidden, grid), fc_weight, fc_bias,
+                              groups=groups)
+        else:
+            hidden_width = conv_weight.shape[0] // self.num_selectors
+            logit_width = fc_weight.shape[0] // self.num_selectors
+            per_selector = []
+            for index, feature in enumerate(features):
+                conv_rows = slice(index * hidden_width, (index + 1) * hidden_width)
+                fc_rows = slice(index * logit_width, (index + 1) * logit_width)
+                hidden = F.conv2d(feature, conv_weight[conv_rows], conv_bias[conv_rows],
+                                  padding=1, groups=self.groups).relu_()
+                per_selector.append(F.conv2d(F.adaptive_avg_pool2d(hidden, grid),
+                                             fc_weight[fc_rows], fc_bias[fc_rows],
+                                             groups=self.groups))
+            logits = torch.cat(per_selector, dim=1)
+        logits = logits.view(features[0].shape[0], self.num_selectors, self.groups, 2, *grid)
+        check_finite_logits(logits, lambda: _first_non_finite(logits, self.name))
+        skip, keep = logits.unbind(dim=3)
+        return list((keep > skip).to(dtype).unbind(dim=1))
+
+
+def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)

@@ -99,3 +99,58 @@ def test_depthwise_avg_pool_equals_avg_pool(size, memory_format):
     expected_grad, = torch.autograd.grad(expected.sum(), x)
     assert torch.allclose(grad, expected_grad, atol=1e-6)
     assert pool.state_dict() == {} and isinstance(pool, torch.nn.AvgPool2d)
+
+
+def test_conv_spec_groups_overrides_the_block_groups():
+    from sar_backbones.models.layers.blocks import ConvSpec
+
+    class WideGroups(Bottleneck):
+        def conv_specs(self, in_channels, out_channels, stride):
+            mid = out_channels // 4
+            return [ConvSpec(in_channels, mid, 1), ConvSpec(mid, mid, 3, stride, groups=8),
+                    ConvSpec(mid, out_channels, 1)]
+
+    block = WideGroups(64, 64, groups=2)
+    assert [block.conv1.groups, block.conv2.groups, block.conv3.groups] == [2, 8, 2]
+
+    class Crossing(WideGroups):
+        def conv_specs(self, in_channels, out_channels, stride):
+            specs = super().conv_specs(in_channels, out_channels, stride)
+            return [specs[0], specs[1]._replace(groups=3), specs[2]]
+
+    with pytest.raises(ValueError, match='not a multiple of the block.s groups G=2'):
+        Crossing(48, 48, groups=2)
+
+
+def test_drop_path_drops_the_residual_branch_per_sample_in_training_only():
+    torch.manual_seed(0)
+    block = randomize_norms(Bottleneck(32, 32, drop_path_rate=0.5))
+    x = torch.randn(256, 32, 3, 3)
+    block.eval()
+    reference = Bottleneck(32, 32)
+    reference.load_state_dict(block.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), reference.eval()(x))
+        block.train()
+        out = block(x)
+    dropped = torch.isclose(out, x.relu()).flatten(1).all(1)
+    assert 0.3 < float(dropped.float().mean()) < 0.7
+    with pytest.raises(ValueError, match=r'drop_path_rate must be a number in \[0, 1\)'):
+        Bottleneck(32, 32, drop_path_rate=-0.1)
+
+
+def test_region_selector_builds_groupnorm_with_one_group_per_mask_group():
+    from sar_backbones.models.layers import RegionSelector
+    selector = RegionSelector(64, groups=2, norm_cfg=dict(type='GN', num_groups=32))
+    assert isinstance(selector.norm, torch.nn.GroupNorm)
+    assert (selector.norm.num_groups, selector.norm.num_channels) == (2, 8)
+    # Each mask group's hidden features are normalised on their own: changing
+    # group 1's input does not move group 0's logits.
+    x = torch.randn(1, 64, 8, 8)
+    y = x.clone()
+    y[:, 32:] = y[:, 32:] * 5 + 3
+    with torch.no_grad():
+        a = selector.eval().logits(x, (2, 2))
+        b = selector.logits(y, (2, 2))
+    torch.testing.assert_close(a[:, 0], b[:, 0])
+    assert not torch.allclose(a[:, 1], b[:, 1])
