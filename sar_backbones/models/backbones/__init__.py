@@ -1,4 +1,5 @@
 from .sar_resnet import SARResNet
+from .sar_resnext import SARResNeXt
 from .sar_stage import SARStage
 
-__all__ = ['SARResNet', 'SARStage']
+__all__ = ['SARResNet', 'SARResNeXt', 'SARStage']
