@@ -43,7 +43,7 @@ model = dict(
     backbone=dict(
         depth=18,
         # The demo pretraining's variant (see its config for G=1).
-        groups=1,
+        mask_groups=1,
         # The demo pretraining's variant and stem.
         base_stride=2,
         alpha=2,

@@ -29,7 +29,7 @@ model = dict(
     backbone=dict(
         depth=18,
         # The demo pretraining's variant (see its config for G=1).
-        groups=1,
+        mask_groups=1,
         # Regions of 4, 2 and 2 feature pixels in stages 1-3 (16, 16 and 32
         # input pixels), as in pretraining: a 10x10 grid in stages 1-2 at
         # 160x160.

@@ -27,7 +27,7 @@ model = dict(
         # One mask per block (G=1, a variant of the paper). With two groups a
         # short run tends to meet the 50% target by switching one group off
         # everywhere, which saves the same but selects no region.
-        groups=1,
+        mask_groups=1,
         # 4x4, 4x4 and 2x2 regions at 64x64 input: patches of 4, 2 and 2
         # feature pixels in stages 1-3 (16, 16 and 32 input pixels).
         patch_grid=(4, 4, 2),

@@ -7,4 +7,4 @@
 # mmpretrain 1.2.0 model zoo): 76.55 top-1 at 4.12 GFLOPs (DESIGN.md section 3).
 _base_ = './sar-resnet50-g2s2a2b1-t0.5_8xb32_in1k.py'
 
-model = dict(backbone=dict(groups=1, target_rate=0.3))
+model = dict(backbone=dict(mask_groups=1, target_rate=0.3))

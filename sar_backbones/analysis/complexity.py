@@ -14,21 +14,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..engine.hooks import get_sar_backbone
 from ..models.backbones import SARResNet
 from ..models.layers import RegionSelector
 
 Rate = Union[None, float, Sequence[float], Tensor]
-
-
-def find_sar_backbone(model: nn.Module) -> SARResNet:
-    """The :class:`SARResNet` itself or the ``backbone`` of a task model."""
-    if isinstance(model, SARResNet):
-        return model
-    backbone = getattr(model, 'backbone', None)
-    if isinstance(backbone, SARResNet):
-        return backbone
-    raise TypeError(f'expected a SARResNet or a model with a SARResNet backbone, '
-                    f'got {type(model).__name__}')
 
 
 def _module_macs(module: nn.Module, inputs: tuple, output: Tensor) -> int:
@@ -92,21 +82,10 @@ def dense_cost(backbone: SARResNet, input_shape: Sequence[int]) -> Dict[str, obj
         # averaging over a test set) must not see this all-selected pass.
         last_area[0] = backbone.forward(x)[-1].shape[-2:].numel()
 
-    was_training, mode, override = backbone.training, backbone.inference_mode, backbone._mask_override
-    last_masks = backbone._masks  # get_masks() keeps describing the caller's last forward
-    out_indices = backbone.out_indices
-    try:
-        backbone.eval()
-        backbone.set_inference_mode('dense')  # the dense path calls every refine conv
-        backbone.set_mask_override(1.0)
-        backbone.out_indices = (3, )
+    # The dense path calls every refine conv once.
+    with backbone.temporary_settings(training=False, inference_mode='dense', mask_rate=1.0,
+                                     out_indices=(3, )):
         totals = count_macs(backbone, input_shape, lambda m: refine_index.get(id(m), 0), forward)
-    finally:
-        backbone.train(was_training)
-        backbone.set_inference_mode(mode)
-        backbone._mask_override = override
-        backbone.out_indices = out_indices
-        backbone._masks = last_masks
     num_blocks = backbone.num_masked_blocks
     return {'static': totals.get(0, 0), 'refine': [totals.get(i, 0) for i in range(1, num_blocks + 1)],
             'last_area': last_area[0]}
@@ -156,7 +135,7 @@ def model_complexity(model: nn.Module, input_shape: Sequence[int] = (3, 224, 224
         >>> round(c['flops'] / 1e9, 2), round(c['params'] / 1e6, 2)
         (2.38, 25.02)
     """
-    backbone = find_sar_backbone(model)
+    backbone = get_sar_backbone(model)
     cost = dense_cost(backbone, input_shape)
     params = sum(p.numel() for p in backbone.parameters())
     static = cost['static']

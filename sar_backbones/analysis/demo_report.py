@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch import nn
 
-from .complexity import count_macs, find_sar_backbone, model_complexity
+from ..engine.hooks import get_sar_backbone
+from .complexity import count_macs, model_complexity
 from .mask_vis import GROUP_COLOURS, overlay, stage_group_weights
 
 # Tint of refined regions; stages average their groups, so one colour.
@@ -40,7 +41,7 @@ def build_plain_resnet(backbone: nn.Module) -> nn.Module:
     # segmentation setting); torchvision's refuses it.
     from mmseg.models.backbones import ResNet
 
-    sar = find_sar_backbone(backbone)
+    sar = get_sar_backbone(backbone)
     stem = sar.stem[-3].out_channels if sar.deep_stem else sar.conv1.out_channels
     block, _ = sar.arch_settings[sar.depth]
     resnet = ResNet(

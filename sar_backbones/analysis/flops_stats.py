@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .complexity import find_sar_backbone, model_complexity
+from ..engine.hooks import get_sar_backbone
+from .complexity import model_complexity
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 # ImageNet statistics in RGB order (the shipped configs' data preprocessors).
@@ -146,26 +147,19 @@ def measure_rates(model: nn.Module, inputs: Iterable[Tuple[str, Tensor]],
         dict: ``names`` (list), ``shapes`` (list of ``(C, H, W)``) and
         ``rates`` (``(images, blocks)`` tensor, float64).
     """
-    backbone = find_sar_backbone(model)
-    was_training, override = backbone.training, backbone._mask_override
+    backbone = get_sar_backbone(model)
     names, shapes, rates = [], [], []
-    try:
-        backbone.eval()
-        backbone.set_mask_override(None)
-        with torch.no_grad():
-            for index, (name, x) in enumerate(inputs):
-                param = next(backbone.parameters())
-                backbone(x.to(param.device, param.dtype))
-                r = backbone.get_activation_rates().double().cpu()
-                for row in range(r.shape[0]):
-                    names.append(name if r.shape[0] == 1 else f'{name}[{row}]')
-                    shapes.append(tuple(x.shape[1:]))
-                    rates.append(r[row])
-                if progress and (index + 1) % 50 == 0:
-                    print(f'  {index + 1} images', flush=True)
-    finally:
-        backbone.train(was_training)
-        backbone._mask_override = override
+    with backbone.temporary_settings(training=False, mask_rate=None), torch.no_grad():
+        for index, (name, x) in enumerate(inputs):
+            param = next(backbone.parameters())
+            backbone(x.to(param.device, param.dtype))
+            r = backbone.get_activation_rates().double().cpu()
+            for row in range(r.shape[0]):
+                names.append(name if r.shape[0] == 1 else f'{name}[{row}]')
+                shapes.append(tuple(x.shape[1:]))
+                rates.append(r[row])
+            if progress and (index + 1) % 50 == 0:
+                print(f'  {index + 1} images', flush=True)
     if not rates:
         raise ValueError('no images to measure')
     return {'names': names, 'shapes': shapes, 'rates': torch.stack(rates)}
@@ -194,7 +188,7 @@ def rate_statistics(model: nn.Module, measured: Dict[str, object],
         ``per_image`` (list of {name, shape, rate, flops}), and
         ``reference_flops`` / ``flops_ratio`` when a reference is given.
     """
-    backbone = find_sar_backbone(model)
+    backbone = get_sar_backbone(model)
     rates: Tensor = measured['rates']
     shapes: List[tuple] = measured['shapes']
     names: List[str] = measured['names']
@@ -276,7 +270,7 @@ def plot_rate_flops_histogram(stats: Dict[str, object], path: str, title: str = 
 def assumed_rate_complexity(model: nn.Module, input_shape: Sequence[int], rate,
                             num_classes: Optional[int] = None) -> Dict[str, object]:
     """:func:`model_complexity` at an assumed rate, with per-stage refine FLOPs added."""
-    backbone = find_sar_backbone(model)
+    backbone = get_sar_backbone(model)
     comp = model_complexity(backbone, input_shape, activation_rate=rate, num_classes=num_classes)
     refine = comp['flops_refine']
     comp['flops_refine_per_stage'] = [float(sum(refine[s])) for s in backbone.stage_block_slices()]
@@ -285,7 +279,7 @@ def assumed_rate_complexity(model: nn.Module, input_shape: Sequence[int], rate,
 
 def is_sar_model(model: nn.Module) -> bool:
     try:
-        find_sar_backbone(model)
+        get_sar_backbone(model)
         return True
     except TypeError:
         return False

@@ -446,19 +446,11 @@ def part_macs(backbone: nn.Module, parts: Tuple[list, list], input_shape: Sequen
                     scale[id(conv)] = 1.0 if rate is None else float(rate)
     labels = {id(m): i for i, m in enumerate(backbone.modules())}
     modules = {i: m for m, i in ((m, labels[id(m)]) for m in backbone.modules())}
-    was = None
-    if isinstance(backbone, SARResNet):
-        was = (backbone.training, backbone.inference_mode, backbone._mask_override)
-        backbone.eval()
-        backbone.set_inference_mode('dense')  # every refine conv is called once
-        backbone.set_mask_override(1.0)
-    try:
+    # On the dense path every refine conv is called once.
+    settings = backbone.temporary_settings(training=False, inference_mode='dense', mask_rate=1.0) \
+        if isinstance(backbone, SARResNet) else contextlib.nullcontext()
+    with settings:
         totals = count_macs(backbone, input_shape, bucket=lambda m: labels[id(m)])
-    finally:
-        if was is not None:
-            backbone.train(was[0])
-            backbone.set_inference_mode(was[1])
-            backbone._mask_override = was[2]
     out: 'OrderedDict[str, float]' = OrderedDict()
     for label, _ in list(leaves) + list(containers):
         out.setdefault(label, 0.0)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..models.layers import expand_mask
 from ..models.layers.masking import nearest_source_index
-from .complexity import find_sar_backbone
+from ..engine.hooks import get_sar_backbone
 
 # One tint per group (RGB), cycling for G > 4.
 GROUP_COLOURS = ((255, 64, 32), (32, 160, 255), (64, 220, 64), (240, 200, 0))
@@ -44,7 +44,7 @@ def collect_masks(model: nn.Module, x: Tensor, image_size: Optional[Tuple[int, i
         ``stage_of_block`` (stage index of each block), ``rates``
         (per block), ``feature_sizes`` (refine feature size per stage).
     """
-    backbone = find_sar_backbone(model)
+    backbone = get_sar_backbone(model)
     if x.dim() != 4 or x.shape[0] != 1:
         raise ValueError(f'collect_masks takes one image (1, C, H, W), got {tuple(x.shape)}')
     feature_sizes: List[Tuple[int, int]] = []
@@ -53,20 +53,16 @@ def collect_masks(model: nn.Module, x: Tensor, image_size: Optional[Tuple[int, i
         feature_sizes.append(tuple(args[1].shape[-2:]))  # fusion_gate(x_base, x_refine)
 
     handles = [stage.fusion_gate.register_forward_hook(record) for stage in backbone.sar_stages]
-    was_training, override = backbone.training, backbone._mask_override
     try:
-        backbone.eval()
-        backbone.set_mask_override(rate, seed=seed)
-        with torch.no_grad():
+        with backbone.temporary_settings(training=False, mask_rate=rate, seed=seed), \
+                torch.no_grad():
             param = next(backbone.parameters())
             backbone(x.to(param.device, param.dtype))
-        masks = [m[0].detach().cpu() for m in backbone.get_masks()]
-        rates = backbone.get_activation_rates()[0].tolist()
+            masks = [m[0].detach().cpu() for m in backbone.get_masks()]
+            rates = backbone.get_activation_rates()[0].tolist()
     finally:
         for handle in handles:
             handle.remove()
-        backbone.train(was_training)
-        backbone._mask_override = override
     stage_of_block = []
     for stage_index, cols in enumerate(backbone.stage_block_slices()):
         stage_of_block += [stage_index] * (cols.stop - cols.start)

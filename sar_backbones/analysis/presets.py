@@ -13,6 +13,8 @@ from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ..engine.hooks import get_sar_backbone
+from ..engine.launch import swap_sync_bn
 from ..models.backbones import SARResNet
 
 _PRESET = re.compile(
@@ -30,7 +32,7 @@ def parse_preset(name: str) -> Dict[str, Any]:
 
     Example:
         >>> parse_preset('sar-resnet50-g2s2a2b1-t0.5')
-        {'depth': 50, 'groups': 2, 'base_stride': 2, 'alpha': 2, 'beta': 1, 'target_rate': 0.5}
+        {'depth': 50, 'mask_groups': 2, 'base_stride': 2, 'alpha': 2, 'beta': 1, 'target_rate': 0.5}
     """
     match = _PRESET.match(name.strip().lower())
     if match is None:
@@ -38,7 +40,7 @@ def parse_preset(name: str) -> Dict[str, Any]:
                          '[-t<rate>], e.g. sar-resnet50-g2s2a2b1 or sar-resnetv1c50-g2s4a1b1-t0.5')
     beta = float(match['beta'])
     kwargs: Dict[str, Any] = dict(
-        depth=int(match['depth']), groups=int(match['groups']), base_stride=int(match['stride']),
+        depth=int(match['depth']), mask_groups=int(match['groups']), base_stride=int(match['stride']),
         alpha=int(match['alpha']), beta=int(beta) if beta.is_integer() else beta)
     if match['v1c']:
         kwargs['deep_stem'] = True
@@ -69,27 +71,13 @@ def build_preset_backbone(name: str, patch_grid: Optional[Sequence[int]] = DEFAU
     return SARResNet(**kwargs).eval()
 
 
-def swap_syncbn(obj: Any) -> Any:
-    """Replace ``type='SyncBN'`` by ``'BN'`` everywhere in a config (in place): CPU analysis."""
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            if key == 'type' and value == 'SyncBN':
-                obj[key] = 'BN'
-            else:
-                swap_syncbn(value)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            swap_syncbn(value)
-    return obj
-
-
 def load_config(path: str, cfg_options: Optional[dict] = None):
     """An mmengine ``Config`` with ``cfg_options`` merged and SyncBN swapped for BN."""
     from mmengine.config import Config
     cfg = Config.fromfile(path)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
-    swap_syncbn(cfg._cfg_dict)
+    swap_sync_bn(cfg._cfg_dict)
     return cfg
 
 
@@ -124,10 +112,9 @@ def load_weights(model: nn.Module, checkpoint: str) -> Tuple[str, int]:
 
     Returns which part was loaded ('model' or 'backbone') and the number of tensors.
     """
-    from mmengine.runner.checkpoint import _load_checkpoint
-
-    from ..models.backbones.checkpoint import describe_mismatch, extract_state_dict
-    state = extract_state_dict(_load_checkpoint(checkpoint, map_location='cpu'))
+    from ..models.backbones.checkpoint import (BackboneCheckpointMismatchError, describe_mismatch,
+                                               extract_state_dict, load_checkpoint_file)
+    state = extract_state_dict(load_checkpoint_file(checkpoint), source=checkpoint)
     target, part = model, 'model'
     backbone = model if isinstance(model, SARResNet) else getattr(model, 'backbone', None)
     if any(k.startswith('backbone.') for k in state):
@@ -138,15 +125,10 @@ def load_weights(model: nn.Module, checkpoint: str) -> Tuple[str, int]:
         target, part = backbone, 'backbone'
     problem = describe_mismatch(target, state)
     if problem:
-        raise ValueError(f'checkpoint {checkpoint} does not match the {part}: {problem}')
+        raise BackboneCheckpointMismatchError(
+            f'checkpoint {checkpoint} does not match the {part}: {problem}')
     target.load_state_dict(state, strict=True)
     return part, len(state)
-
-
-def sar_backbone(model: nn.Module) -> SARResNet:
-    """The :class:`SARResNet` of a task model (or the backbone itself)."""
-    from .complexity import find_sar_backbone
-    return find_sar_backbone(model)
 
 
 class LoadedModel(NamedTuple):
@@ -172,7 +154,7 @@ def load_model(config: Optional[str] = None, preset: Optional[str] = None,
     if config is not None:
         cfg = load_config(config, cfg_options)
         model = build_model_from_config(cfg, checkpoint)
-        return LoadedModel(cfg, task_of_config(cfg), model, sar_backbone(model))
+        return LoadedModel(cfg, task_of_config(cfg), model, get_sar_backbone(model))
     kwargs = {} if not patch_size else dict(patch_grid=None, patch_size=tuple(patch_size))
     backbone = build_preset_backbone(preset, **kwargs)
     if checkpoint:

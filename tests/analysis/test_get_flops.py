@@ -20,10 +20,10 @@ MEASURED_FIELDS = {'num_images', 'params', 'activation_rate', 'stage_rates', 'bl
 
 
 def test_parse_preset():
-    assert parse_preset('sar-resnet50-g2s2a2b1') == dict(depth=50, groups=2, base_stride=2,
+    assert parse_preset('sar-resnet50-g2s2a2b1') == dict(depth=50, mask_groups=2, base_stride=2,
                                                         alpha=2, beta=1)
     assert parse_preset('sar-resnetv1c50-g2s4a1b1-t0.5') == dict(
-        depth=50, groups=2, base_stride=4, alpha=1, beta=1, deep_stem=True, target_rate=0.5)
+        depth=50, mask_groups=2, base_stride=4, alpha=1, beta=1, deep_stem=True, target_rate=0.5)
     with pytest.raises(ValueError, match='unknown preset'):
         parse_preset('resnet50')
 

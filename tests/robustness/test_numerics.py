@@ -88,13 +88,21 @@ def test_non_finite_input_in_training_is_reported_not_trained_on(bad):
     with pytest.raises(FloatingPointError, match='contains NaN or inf, so every region mask was '
                                                   'sampled from NaN logits'):
         model.get_aux_losses()
-    # A clean batch afterwards trains normally; evaluation never raises.
+    # A clean batch afterwards trains normally.
     model(torch.randn(2, 3, 32, 32))
     assert torch.isfinite(model.get_aux_losses()['loss_act_rate'])
-    model.eval()
-    with torch.no_grad():
-        model(x)
-    assert 'loss_act_rate' not in model.get_aux_losses()
+    # At inference NaN logits would silently mean "refine nothing": an error
+    # that names the selector, on the sparse and the dense path alike. (A fresh
+    # model: the NaN batch above also poisoned the BatchNorm running statistics.)
+    model = SARResNet(**NARROW, patch_grid=(4, 2, 1)).eval()
+    for mode in ('sparse', 'dense'):
+        model.set_inference_mode(mode)
+        with torch.no_grad(), pytest.raises(FloatingPointError,
+                                            match=r'layer1\.selectors\.0 .*non-finite'):
+            model(x)
+        with torch.no_grad():
+            model(torch.randn(2, 3, 32, 32))
+        assert 'loss_act_rate' not in model.get_aux_losses()
 
 
 def test_nan_rate_loss_raises_floating_point_error():

@@ -121,7 +121,8 @@ def test_stage_level_grid_check_names_the_grid():
      r'base_stride needs one value per SAR stage \(3\), got \(2, 2\)'),
     (dict(patch_grid=(14, 7)), ValueError, r'patch_grid needs one value per SAR stage \(3\)'),
     (dict(patch_grid=0), ValueError, r'patch_grid must hold positive ints, got \(0, 0, 0\)'),
-    (dict(patch_size=4), ValueError, r'give either patch_grid .* or patch_size, not both'),
+    (dict(patch_grid=(4, 4, 2), patch_size=4), ValueError,
+     r'give either patch_grid .* or patch_size, not both'),
     (dict(patch_grid=None), ValueError, r'one of patch_grid or patch_size must be set'),
     # Target rate t in (0, 1].
     (dict(target_rate=0), ValueError, r'target_rate must be in \(0, 1\], got 0'),
@@ -214,7 +215,7 @@ def test_pretrained_with_another_depth_lists_missing_keys(tmp_path):
     with pytest.raises(ValueError) as info:
         deeper.init_weights()
     message = str(info.value)
-    assert f'checkpoint {path} does not match SARResNet34' in message
+    assert f'The weights from {path} do not fit the backbone SARResNet(depth=34' in message
     assert f'{len(missing)} missing in checkpoint: {missing[0]}' in message
     assert f'and {len(missing) - 8} more' in message  # long lists are cut
 
@@ -243,7 +244,7 @@ def test_pretrained_with_extra_keys_and_wrong_prefix(tmp_path):
     with pytest.raises(ValueError, match=r'not in model: layer1\.'):
         r18.init_weights()
     wrong_prefix = narrow(init_cfg=dict(type='Pretrained', checkpoint=str(path), prefix='model.'))
-    with pytest.raises(ValueError, match=r"no weights under prefix 'model\.' in the checkpoint "
+    with pytest.raises(ValueError, match=r"no weights under prefix 'model\.' in checkpoint \S+ "
                                          r"\(its keys start like \['backbone\.conv1\.weight'"):
         wrong_prefix.init_weights()
 
@@ -265,8 +266,8 @@ def test_converter_check_config_names_mismatching_keys(tmp_path, capsys):
     with pytest.raises(BackboneCheckpointMismatchError) as info:
         converter.main([str(classifier_ckpt), str(out), '--check-config', str(config)])
     message = str(info.value)
-    assert f'The weights from {classifier_ckpt} do not match the backbone SARResNet(depth=18, ' \
-           'groups=4' in message
+    assert f'The weights from {classifier_ckpt} do not fit the backbone SARResNet(depth=18, ' \
+           in message and 'mask_groups=4' in message
     assert re.search(r'\d+ shape mismatch: layer1\.\S+: checkpoint \(\d+(, \d+)*\) vs model',
                      message)
     assert not out.exists()

@@ -1,7 +1,9 @@
 """SAR-ResNet: ResNet with Spatially Adaptive feature Refinement (Han et al., TIP 2021)."""
+import contextlib
 import math
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from collections import OrderedDict
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -9,28 +11,45 @@ from mmcv.cnn import build_conv_layer, build_norm_layer
 from mmengine.model import BaseModule
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
 
 from sar_backbones.registry import MODELS
 from ..layers import BasicBlock, Bottleneck, RegionSelector, ResidualBlock
-from .checkpoint import load_pretrained
+from ..layers.gumbel import check_temperature
+from .arguments import (InvalidArgumentError, check_arguments, check_conv_cfg, check_norm_cfg,
+                        block_options_per_stage, check_resnet_options, check_target_rate,
+                        drop_path_rates, per_stage)
+from .checkpoint import ArchitectureCheckedLoading, load_pretrained
+from .mask_override import random_patch_masks
 from .sar_stage import SARStage
 
 IntOrTriple = Union[int, Sequence[int]]
 
+# Default patch grid K per SAR stage when neither patch_grid nor patch_size is
+# given: 4, 4 and 7-pixel patches at 224x224, the paper's headline model.
+DEFAULT_PATCH_GRID = (14, 7, 2)
+# Random override masks kept per (rate, seed, block, shape); small tensors,
+# bounded so that a data set of many image sizes cannot grow it forever.
+_MAX_OVERRIDE_MASKS = 256
+_UNCHANGED = object()
 
-def _per_stage(value: Optional[IntOrTriple], name: str) -> Tuple[Optional[int], ...]:
-    """Broadcast a per-SAR-stage option to the three replaced stages."""
-    if value is None or isinstance(value, int):
-        return (value, ) * 3
-    value = tuple(value)
-    if len(value) != 3:
-        raise ValueError(f'{name} needs one value per SAR stage (3), got {value}')
-    return value
+
+class ForwardRecord(NamedTuple):
+    """What one forward of the backbone decided, assigned in one step.
+
+    Attributes:
+        masks: Patch masks ``(B, G, Kh, Kw)`` of every masked block, in order.
+        input_finite: Whether a training input was finite (a 0-dim bool
+            tensor, checked lazily by :meth:`SARResNet.get_aux_losses` to
+            avoid a device synchronisation); None in evaluation.
+    """
+    masks: Tuple[Tensor, ...]
+    input_finite: Optional[Tensor] = None
 
 
 @MODELS.register_module()
-class SARResNet(BaseModule):
-    """SAR-ResNet backbone (variants ``G{groups}s{base_stride}a{alpha}b{beta}``, target rate ``t``).
+class SARResNet(ArchitectureCheckedLoading, BaseModule):
+    """SAR-ResNet backbone (variants ``G{G}s{base_stride}a{alpha}b{beta}``, target rate ``t``).
 
     The first three ResNet stages are replaced by SAR modules (see
     :class:`SARStage`): a cheap base branch at ``1/s`` resolution and
@@ -49,10 +68,13 @@ class SARResNet(BaseModule):
     Args:
         depth (int): 18, 34 (BasicBlock) or 50, 101 (Bottleneck).
         in_channels (int): Input image channels. Defaults to 3.
-        stem_channels (int): Stem width. Defaults to 64.
+        stem_channels (int, optional): Stem width; None follows
+            ``base_channels`` (mmdet's convention). Defaults to 64.
         base_channels (int): Width of stage 1 before block expansion. Defaults to 64.
-        groups (int): ``G``, channel groups of the refine branch, each with its
-            own mask. Defaults to 2.
+        mask_groups (int, optional): ``G``, channel groups of the refine
+            branch, each with its own mask. Defaults to 2.
+        groups (int, optional): Deprecated alias of ``mask_groups`` (in
+            mmdet ``groups`` is ResNeXt's cardinality).
         base_stride (int | Sequence[int]): ``s``, resolution reduction of the
             base branch, 2 or 4. An int applies to stages 1-2; stage 3 uses 2
             as in the authors' model. Defaults to 2.
@@ -60,25 +82,54 @@ class SARResNet(BaseModule):
         beta (float): ``beta``, refine branch width ``beta*C``. Defaults to 1.
         patch_grid (int | Sequence[int], optional): ``K`` per SAR stage: masks
             are ``K x K`` whatever the input size (the paper's setting).
-            Defaults to (14, 7, 2): 4, 4 and 7-pixel patches at 224x224.
+            Defaults to (14, 7, 2): 4, 4 and 7-pixel patches at 224x224;
+            a ``patch_size`` given alone replaces the default.
         patch_size (int | Sequence[int], optional): Fixed patch size in pixels
             per SAR stage instead of ``patch_grid`` (for detection-size
-            inputs); e.g. (4, 4, 7). Give exactly one of the two.
+            inputs); e.g. (4, 4, 7). Give at most one of the two.
         target_rate (float): ``t``, target activation rate in (0, 1]. Defaults to 0.5.
         rate_loss (str): ``'batch'`` (paper Eq. 10) or ``'sample'`` (Eq. 11).
         rate_loss_weight (float): ``lambda`` of ``L = L_task + lambda * L_refine``.
-        temperature (float): Initial Gumbel-softmax temperature ``tau``.
+        temperature (float): Initial Gumbel-softmax temperature ``tau``, in
+            [1e-4, 1e4] (the paper anneals it from 1 to 0.01).
         strides (Sequence[int]): Stride of each stage (ResNet semantics). Defaults to (1, 2, 2, 2).
         dilations (Sequence[int]): Dilation of each stage. Defaults to (1, 1, 1, 1).
         out_indices (Sequence[int]): Stages to output. Defaults to (0, 1, 2, 3).
         deep_stem (bool): Three 3x3 convs instead of the 7x7 stem (ResNetV1c).
         contract_dilation (bool): Halve the dilation of the first block of a dilated stage.
         frozen_stages (int): Stages to freeze (-1: none, 0: stem only).
-        conv_cfg (dict, optional): Conv layer config.
+        conv_cfg (dict, optional): Conv layer config; the sparse path needs a
+            plain convolution (others need ``inference_mode='dense'``).
         norm_cfg (dict): Norm layer config. Defaults to ``dict(type='BN', requires_grad=True)``.
         norm_eval (bool): Keep norm layers in eval mode during training.
-        zero_init_residual (bool): Zero the last norm of the non-refine blocks.
+        zero_init_residual (bool): Zero the last norm of every residual block
+            except the refine blocks' (see ``_reset_parameters`` for why).
         inference_mode (str): ``'sparse'`` (default) or ``'dense'`` in eval mode.
+        with_cp (bool): Gradient checkpointing in training: each SAR stage and
+            each block of stage 4 is recomputed in the backward pass (the
+            Gumbel noise is replayed, so masks and rate loss are unchanged).
+        multi_grid (Sequence[int], optional): Dilation multipliers of the
+            stage-4 blocks (mmseg's DeepLab-v3 option), one per block.
+        num_stages (int): Must be 4 (mmdet's option; select outputs with
+            ``out_indices``).
+        style (str): ``'pytorch'``: strided 3x3 convs (the only style whose
+            ImageNet weights SAR can load).
+        avg_down (bool): Accepted for config compatibility: SAR's downsampling
+            shortcuts always average-pool first (ResNet-D, the authors' model).
+        expansion (int, optional): mmpretrain's option; must equal the
+            block's own (1 for BasicBlock, 4 for Bottleneck) when given.
+        dcn (dict, optional): mmdet's deformable 3x3 conv (Bottleneck only),
+            e.g. ``dict(type='DCN', deform_groups=1, fallback_on_stride=False)``,
+            in the stages chosen by ``stage_with_dcn``. In a SAR stage the plain
+            blocks take it (transition blocks, base branch); the refine blocks
+            keep plain convs so that the sparse path stays exact.
+        stage_with_dcn (Sequence[bool]): Stages with ``dcn``, one bool each.
+        plugins (list[dict], optional): mmdet's plugin layers (Bottleneck
+            only), ``dict(cfg=..., position='after_conv1|2|3', stages=...)``;
+            in a SAR stage they go to the same plain blocks as ``dcn``.
+        drop_path_rate (float): mmpretrain's stochastic depth: per-block drop
+            rates rising linearly from 0 to this value with depth (base and
+            refine blocks side by side share a rate). Training only.
         pretrained (str, optional): Deprecated, use ``init_cfg``.
         init_cfg (dict, optional): e.g. ``dict(type='Pretrained', checkpoint=...,
             prefix='backbone.')``; any mismatch with the architecture is an error.
@@ -86,7 +137,7 @@ class SARResNet(BaseModule):
     Example:
         >>> import torch
         >>> from sar_backbones.models import SARResNet
-        >>> model = SARResNet(depth=50, groups=2, base_stride=2, alpha=2, beta=1,
+        >>> model = SARResNet(depth=50, mask_groups=2, base_stride=2, alpha=2, beta=1,
         ...                   patch_grid=(14, 7, 2), target_rate=0.5).eval()
         >>> outs = model(torch.rand(1, 3, 224, 224))
         >>> [tuple(o.shape) for o in outs]
@@ -106,13 +157,13 @@ class SARResNet(BaseModule):
     def __init__(self,
                  depth: int,
                  in_channels: int = 3,
-                 stem_channels: int = 64,
+                 stem_channels: Optional[int] = 64,
                  base_channels: int = 64,
-                 groups: int = 2,
+                 mask_groups: Optional[int] = None,
                  base_stride: IntOrTriple = 2,
                  alpha: int = 2,
                  beta: float = 1,
-                 patch_grid: Optional[IntOrTriple] = (14, 7, 2),
+                 patch_grid: Optional[IntOrTriple] = DEFAULT_PATCH_GRID,
                  patch_size: Optional[IntOrTriple] = None,
                  target_rate: float = 0.5,
                  rate_loss: str = 'batch',
@@ -129,40 +180,70 @@ class SARResNet(BaseModule):
                  norm_eval: bool = False,
                  zero_init_residual: bool = True,
                  inference_mode: str = 'sparse',
+                 with_cp: bool = False,
+                 multi_grid: Optional[Sequence[int]] = None,
+                 num_stages: int = 4,
+                 style: str = 'pytorch',
+                 avg_down: bool = False,
+                 expansion: Optional[int] = None,
+                 dcn: Optional[dict] = None,
+                 stage_with_dcn: Sequence[bool] = (False, False, False, False),
+                 plugins: Optional[List[dict]] = None,
+                 drop_path_rate: float = 0.0,
                  pretrained: Optional[str] = None,
-                 init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
-        if pretrained is not None:
+                 init_cfg: Optional[Union[dict, List[dict]]] = None,
+                 groups: Optional[int] = None) -> None:
+        if pretrained is not None and isinstance(pretrained, str):
             if init_cfg is not None:
                 raise ValueError('init_cfg and pretrained cannot be set at the same time')
             warnings.warn('SARResNet: `pretrained` is deprecated, use '
                           "init_cfg=dict(type='Pretrained', checkpoint=...)", DeprecationWarning)
             init_cfg = dict(type='Pretrained', checkpoint=pretrained)
         super().__init__(init_cfg=init_cfg)
-        if depth not in self.arch_settings:
+        if type(depth) is not int or depth not in self.arch_settings:
             raise KeyError(f'invalid depth {depth} for SARResNet; choose from '
                            f'{sorted(self.arch_settings)}')
+        groups = _mask_groups(mask_groups, groups)
+        block, stage_blocks = self.arch_settings[depth]
+        check_resnet_options(block=block, num_stages=num_stages, style=style, avg_down=avg_down,
+                             expansion=expansion, with_cp=with_cp, multi_grid=multi_grid,
+                             last_stage_blocks=stage_blocks[3])
+        stage_dcn, stage_plugins = block_options_per_stage(
+            dcn=dcn, stage_with_dcn=stage_with_dcn, plugins=plugins, conv_cfg=conv_cfg)
+        # Depth positions: SAR stage 1 has n1-1 (base/refine pairs), stage 2 an
+        # entry and n2-1 pairs, stage 3 also an exit: sum(stage_blocks) in all.
+        block_drop_rates = list(drop_path_rates(drop_path_rate, sum(stage_blocks)))
+        if stem_channels is None:
+            stem_channels = base_channels
+        if not (isinstance(base_channels, int) and not isinstance(base_channels, bool)
+                and base_channels >= 1):
+            raise InvalidArgumentError(f'base_channels must be an int >= 1, got {base_channels!r}')
         self.depth = depth
         self.in_channels = in_channels
-        block, stage_blocks = self.arch_settings[depth]
         self.stage_channels = tuple(base_channels * 2**i * block.expansion for i in range(4))
+        if patch_size is not None and patch_grid is DEFAULT_PATCH_GRID:
+            patch_grid = None  # a fixed patch size replaces the default grid
         if patch_grid is not None and patch_size is not None:
-            raise ValueError('give either patch_grid (K per stage) or patch_size, not both')
+            raise InvalidArgumentError(
+                'give either patch_grid (K per stage) or patch_size, not both')
         if patch_grid is None and patch_size is None:
-            raise ValueError('one of patch_grid or patch_size must be set')
-        base_strides = _per_stage(base_stride, 'base_stride')
-        if isinstance(base_stride, int):
-            base_strides = (base_stride, base_stride, 2)
-        patch_grids = _per_stage(patch_grid, 'patch_grid')
-        patch_sizes = _per_stage(patch_size, 'patch_size')
-        _check_arguments(
-            block=block, stage_channels=self.stage_channels, stem_channels=stem_channels,
-            groups=groups, base_strides=base_strides, alpha=alpha, beta=beta,
-            patch_grids=patch_grids, patch_sizes=patch_sizes, target_rate=target_rate,
-            rate_loss=rate_loss, rate_loss_weight=rate_loss_weight, temperature=temperature,
-            strides=strides, dilations=dilations, out_indices=out_indices,
-            inference_mode=inference_mode, norm_cfg=norm_cfg, frozen_stages=frozen_stages)
+            raise InvalidArgumentError('one of patch_grid or patch_size must be set')
+        base_strides = per_stage(base_stride, 'base_stride')
+        if not isinstance(base_stride, Sequence):
+            base_strides = (base_stride, base_stride, 2)  # stage 3: s = 2 as in the authors' model
+        patch_grids = per_stage(patch_grid, 'patch_grid')
+        patch_sizes = per_stage(patch_size, 'patch_size')
+        check_arguments(
+            block=block, depth=depth, in_channels=in_channels, stem_channels=stem_channels,
+            stage_channels=self.stage_channels, groups=groups, base_strides=base_strides,
+            alpha=alpha, beta=beta, patch_grids=patch_grids, patch_sizes=patch_sizes,
+            target_rate=target_rate, rate_loss=rate_loss, rate_loss_weight=rate_loss_weight,
+            temperature=temperature, strides=strides, dilations=dilations,
+            out_indices=out_indices, inference_mode=inference_mode, conv_cfg=conv_cfg,
+            norm_cfg=norm_cfg, frozen_stages=frozen_stages, pretrained=pretrained,
+            deep_stem=deep_stem)
 
-        self.groups = groups
+        self.mask_groups = groups
         self.base_strides = base_strides
         self.alpha = alpha
         self.beta = beta
@@ -178,10 +259,19 @@ class SARResNet(BaseModule):
         self.deep_stem = deep_stem
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
+        self.with_cp = with_cp
+        self.multi_grid = None if multi_grid is None else tuple(multi_grid)
+        self.dcn = dcn
+        self.stage_with_dcn = tuple(stage_with_dcn)
+        self.plugins = plugins
+        self.drop_path_rate = float(drop_path_rate)
+        self.conv_cfg = conv_cfg
+        self.norm_cfg = norm_cfg
         self.inference_mode = inference_mode
         self._mask_override: Optional[Tuple[float, int]] = None
-        self._override_masks: Dict[Tuple[int, torch.Size], Tensor] = {}
-        self._masks: List[Tensor] = []
+        self._override_masks: 'OrderedDict[tuple, Tensor]' = OrderedDict()
+        self._record = ForwardRecord(masks=())
+        self._deployed = False
 
         self._make_stem(in_channels, stem_channels, conv_cfg, norm_cfg)
         common = dict(conv_cfg=conv_cfg, norm_cfg=norm_cfg)
@@ -192,19 +282,30 @@ class SARResNet(BaseModule):
 
         in_width = stem_channels
         for i in range(self.num_sar_stages):
+            positions = stage_blocks[i] - 1 + int(i > 0) + int(i == self.num_sar_stages - 1)
+            stage_rates, block_drop_rates = (block_drop_rates[:positions],
+                                             block_drop_rates[positions:])
             stage = SARStage(
                 block, in_width, self.stage_channels[i], stage_blocks[i], groups=groups,
                 base_stride=base_strides[i], alpha=alpha, beta=beta,
                 patch_grid=patch_grids[i], patch_size=patch_sizes[i], dilation=dilations[i],
                 entry_stride=None if i == 0 else strides[i], entry_dilation=first_dilation(i),
-                exit_block=i == self.num_sar_stages - 1, **common)
+                exit_block=i == self.num_sar_stages - 1, dcn=stage_dcn[i],
+                plugins=stage_plugins[i], drop_path_rates=stage_rates, **common)
             self.add_module(f'layer{i + 1}', stage)
+            stage.set_name(f'layer{i + 1}')  # error messages name the stage
             in_width = self.stage_channels[i]
-        last = [block(in_width, self.stage_channels[3], stride=strides[3],
-                      dilation=first_dilation(3), **common)]
-        last += [block(self.stage_channels[3], self.stage_channels[3], dilation=dilations[3],
-                       **common) for _ in range(1, stage_blocks[3])]
-        self.layer4 = nn.Sequential(*last)
+        # mmseg's multi-grid replaces the contracted first dilation of stage 4.
+        last_dilations = [first_dilation(3)] + [dilations[3]] * (stage_blocks[3] - 1) \
+            if multi_grid is None else [dilations[3] * m for m in multi_grid]
+        # Options go to a block only when set (block types without them build as before).
+        last_options = dict(common, **({'dcn': stage_dcn[3]} if stage_dcn[3] else {}),
+                            **({'plugins': stage_plugins[3]} if stage_plugins[3] else {}))
+        self.layer4 = nn.Sequential(*(
+            block(in_width if i == 0 else self.stage_channels[3], self.stage_channels[3],
+                  stride=strides[3] if i == 0 else 1, dilation=d, **last_options,
+                  **({'drop_path_rate': rate} if rate > 0 else {}))
+            for i, (d, rate) in enumerate(zip(last_dilations, block_drop_rates))))
         self._reset_parameters(zero_init_residual)
         self._freeze_stages()
 
@@ -238,11 +339,34 @@ class SARResNet(BaseModule):
         for module in self.modules():
             if isinstance(module, RegionSelector):
                 module.reset_parameters()
+            elif isinstance(module, ResidualBlock):
+                module.init_extra_weights()  # zero DCN offsets, plugins' own init
         if zero_init_residual:
+            # Refine blocks keep their last norm: the masks act on the residual
+            # branch only, so zeroing it would cut the task loss's gradient to
+            # the region selectors, leaving them to the rate loss alone early on.
             refine = {id(b) for stage in self.sar_stages for b in stage.refine_blocks}
             for module in self.modules():
                 if isinstance(module, ResidualBlock) and id(module) not in refine:
                     nn.init.zeros_(module.last_norm.weight)
+
+    def architecture(self) -> Dict[str, object]:
+        """The options that decide what each weight means, recorded in every state dict.
+
+        A checkpoint whose record differs is refused when loaded (see
+        :class:`ArchitectureCheckedLoading`), even where the shapes agree
+        (base stride ``s`` 2 vs 4). How the network is applied (``patch_grid``
+        / ``patch_size`` ``K``, ``strides``, ``dilations``, ``target_rate``
+        ``t``, norm type) is left out: transferring ImageNet weights to
+        detection and segmentation changes exactly those.
+        """
+        last_stem_conv = self.stem[-3] if self.deep_stem else self.conv1
+        expansion = self.arch_settings[self.depth][0].expansion
+        return dict(type='SARResNet', depth=self.depth, in_channels=self.in_channels,
+                    stem_channels=last_stem_conv.out_channels,
+                    base_channels=self.stage_channels[0] // expansion,
+                    mask_groups=self.mask_groups, base_strides=tuple(self.base_strides),
+                    alpha=self.alpha, beta=self.beta, deep_stem=bool(self.deep_stem))
 
     def init_weights(self) -> None:
         """Initialise, or load ``init_cfg=dict(type='Pretrained', ...)`` strictly."""
@@ -278,6 +402,10 @@ class SARResNet(BaseModule):
 
     def train(self, mode: bool = True) -> 'SARResNet':
         """Keep frozen stages and (with ``norm_eval``) norm layers in eval mode."""
+        if mode and self._deployed:
+            raise RuntimeError('this SARResNet was deployed (switch_to_deploy(): BatchNorm folded, '
+                               'weights laid out for inference) and cannot train; build the model '
+                               'again or reload its checkpoint to train it')
         super().train(mode)
         self._freeze_stages()
         if mode and self.norm_eval:
@@ -318,10 +446,9 @@ class SARResNet(BaseModule):
                     f'{size[0]}x{size[1]} feature map (stride {stride}) cannot hold a {grid}x{grid} '
                     f'patch grid (patch_grid={self.patch_grid}); feed at least {need}x{need} '
                     'pixels or use patch_size=... (a grid that follows the input size)')
-        # NaN/inf input makes every mask logit NaN, and NaN binarises to 'skip':
-        # the rate loss would be finite but meaningless. get_aux_losses reports it
-        # (checked there to avoid a second device synchronisation).
-        self._input_finite = torch.isfinite(x).all() if self.training else None
+        if self.training and x.shape[0] == 0:
+            raise ValueError('SARResNet got a training batch of 0 images: the activation rates '
+                             'and their loss are undefined; check the data loader and sampler')
 
     def _stem_forward(self, x: Tensor) -> Tensor:
         x = self.stem(x) if self.deep_stem else self.relu(self.bn1(self.conv1(x)))
@@ -329,6 +456,10 @@ class SARResNet(BaseModule):
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         self._check_input(x)
+        # NaN/inf input makes every mask logit NaN, and NaN binarises to 'skip':
+        # the rate loss would be finite but meaningless. get_aux_losses reports it
+        # (checked there to avoid a second device synchronisation).
+        input_finite = torch.isfinite(x).all() if self.training else None
         # The sparse path has no autograd support; with gradients enabled the
         # dense masked path computes the same function.
         sparse = (not self.training and self.inference_mode == 'sparse'
@@ -336,28 +467,39 @@ class SARResNet(BaseModule):
         x = self._stem_forward(x)
         outs = []
         masks: List[Tensor] = []
+        checkpointing = self.with_cp and self.training and torch.is_grad_enabled()
         for i, stage in enumerate(self.sar_stages):
-            x, stage_masks = stage(x, self._temperature, sparse=sparse,
-                                   mask_override=self._override_fn(len(masks)))
+            args = (x, self._temperature, sparse, self._override_fn(len(masks)))
+            # Non-reentrant checkpointing replays the RNG state: the recomputed
+            # Gumbel samples, hence the masks, are the ones of the first pass.
+            x, stage_masks = checkpoint(stage, *args, use_reentrant=False) if checkpointing \
+                else stage(*args)
             masks.extend(stage_masks)
             if i in self.out_indices:
                 outs.append(x)
-        x = self.layer4(x)
+        for block in self.layer4:
+            x = checkpoint(block, x, use_reentrant=False) if checkpointing else block(x)
         if 3 in self.out_indices:
             outs.append(x)
-        self._masks = masks
+        self._record = ForwardRecord(tuple(masks), input_finite)
         return tuple(outs)
 
     # --------------------------------------------------- masks and rates
+    @property
+    def last_forward(self) -> ForwardRecord:
+        """The :class:`ForwardRecord` of the last forward (masks, input check)."""
+        return self._record
+
     def get_masks(self) -> List[Tensor]:
         """Patch masks ``(B, G, Kh, Kw)`` of every masked block from the last forward."""
-        return list(self._masks)
+        return list(self._record.masks)
 
     def get_activation_rates(self) -> Tensor:
         """Activation rates ``r_{b,n}`` (Eq. 7) of the last forward: ``(batch, blocks)``."""
-        if not self._masks:
+        masks = self._record.masks
+        if not masks:
             raise RuntimeError('get_activation_rates() needs a forward pass first')
-        return torch.stack([mask.flatten(1).float().mean(1) for mask in self._masks], dim=1)
+        return torch.stack([mask.flatten(1).float().mean(1) for mask in masks], dim=1)
 
     def stage_block_slices(self) -> List[slice]:
         """Which columns of :meth:`get_activation_rates` belong to each SAR stage."""
@@ -391,7 +533,7 @@ class SARResNet(BaseModule):
             logs[f'act_rate_stage{index}'] = rates[:, cols].mean().detach()
         if self.training:
             loss = self.rate_loss_weight * self.rate_loss_value(rates)
-            input_finite = getattr(self, '_input_finite', None)
+            input_finite = self._record.input_finite
             ok = torch.isfinite(loss) if input_finite is None else \
                 torch.isfinite(loss) & input_finite
             if not ok:
@@ -408,29 +550,37 @@ class SARResNet(BaseModule):
 
     # ------------------------------------------------------------ settings
     @property
+    def groups(self) -> int:
+        """Deprecated alias of :attr:`mask_groups` (``G``)."""
+        return self.mask_groups
+
+    @property
     def temperature(self) -> float:
         return self._temperature
 
     def set_temperature(self, tau: float) -> None:
-        """Set the Gumbel-softmax temperature ``tau`` (> 0)."""
-        if not tau > 0:
-            raise ValueError(f'temperature must be > 0, got {tau}')
-        self._temperature = float(tau)
+        """Set the Gumbel-softmax temperature ``tau`` (in [1e-4, 1e4])."""
+        if isinstance(tau, (int, float)) and not tau > 0:
+            raise InvalidArgumentError(f'temperature must be > 0, got {tau!r}')
+        self._temperature = check_temperature(tau)
 
     @property
     def noise_scale(self) -> float:
-        return self.sar_stages[0].selectors[0].noise_scale
+        """Scale of the training-mode Gumbel noise (0 once deployed: inference only)."""
+        selector = next((m for m in self.modules() if isinstance(m, RegionSelector)), None)
+        return 0.0 if selector is None else selector.noise_scale
 
     def set_noise_scale(self, scale: float) -> None:
-        """Scale the Gumbel noise of training-mode mask sampling (>= 0; 1 = the paper).
+        """Scale the Gumbel noise of training-mode mask sampling (in [0, 1]; 1 = the paper).
 
         At 0 training uses the deterministic masks of inference (still with the
         relaxed straight-through gradient); short schedules anneal towards it
         so that the inference rate ends at the trained rate
         (:class:`~sar_backbones.engine.SARGumbelNoiseHook`).
         """
-        if not scale >= 0:
-            raise ValueError(f'noise scale must be >= 0, got {scale}')
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or \
+                not 0 <= scale <= 1:
+            raise InvalidArgumentError(f'noise scale must be a number in [0, 1], got {scale!r}')
         for module in self.modules():
             if isinstance(module, RegionSelector):
                 module.noise_scale = float(scale)
@@ -441,26 +591,77 @@ class SARResNet(BaseModule):
 
     def set_target_rate(self, target: float) -> None:
         """Set the target activation rate ``t`` in (0, 1]."""
-        _check_target_rate(target)
-        self._target_rate = float(target)
+        self._target_rate = check_target_rate(target)
 
     def set_inference_mode(self, mode: str) -> None:
         """``'sparse'`` (gather-conv-scatter) or ``'dense'`` (masked) evaluation."""
         if mode not in ('sparse', 'dense'):
-            raise ValueError(f"inference_mode must be 'sparse' or 'dense', got {mode!r}")
+            raise InvalidArgumentError(
+                f"inference_mode must be 'sparse' or 'dense', got {mode!r}")
+        if mode == 'sparse':
+            check_conv_cfg(self.conv_cfg, mode)
+            check_norm_cfg(self.norm_cfg, self.mask_groups, mode)
         self.inference_mode = mode
 
     def set_mask_override(self, rate: Optional[float], seed: int = 0) -> None:
         """Replace every learned mask by random patches at ``rate`` (None restores).
 
         Each image and group gets exactly ``round(rate * Kh * Kw)`` patches,
-        drawn from a generator seeded by ``seed`` and the block index, so that
-        the same input gives the same masks. For latency sweeps and analysis.
+        chosen by ``seed`` and the block index, so that the same input gives
+        the same masks (:func:`random_patch_masks`). For latency sweeps and
+        analysis; :meth:`temporary_settings` restores the previous state.
         """
-        if rate is not None and not 0 <= rate <= 1:
-            raise ValueError(f'mask override rate must be in [0, 1], got {rate}')
-        self._mask_override = None if rate is None else (float(rate), int(seed))
-        self._override_masks = {}
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
+                                 or not 0 <= rate <= 1):
+            raise InvalidArgumentError(f'mask override rate must be in [0, 1], got {rate!r} '
+                                       '(a number, or None for the learned masks)')
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise InvalidArgumentError(f'mask override seed must be an int >= 0, got {seed!r}')
+        self._mask_override = None if rate is None else (float(rate), seed)
+
+    @contextlib.contextmanager
+    def temporary_settings(self, *, training: Optional[bool] = None,
+                           inference_mode: Optional[str] = None, mask_rate=_UNCHANGED,
+                           seed: int = 0, out_indices: Optional[Sequence[int]] = None
+                           ) -> Iterator['SARResNet']:
+        """Change modes for a block of code; everything is as before on exit.
+
+        Analysis code (complexity counts, rate measurements, mask pictures,
+        benchmarks) runs the backbone in other modes than its owner left it
+        in. On exit this restores, whatever happened inside: the training
+        flag of every submodule, the inference mode, the mask override, the
+        outputs and the record of the last forward (so that
+        :meth:`get_masks` keeps describing the caller's forward).
+
+        Args:
+            training (bool, optional): ``train()`` / ``eval()`` inside.
+            inference_mode (str, optional): ``'sparse'`` or ``'dense'`` inside.
+            mask_rate (float | None, optional): Random masks at this rate
+                inside (:meth:`set_mask_override`); None lifts an override;
+                unchanged when not given.
+            seed (int): Seed of the random masks.
+            out_indices (Sequence[int], optional): Stages to output inside.
+
+        Example:
+            >>> with backbone.temporary_settings(training=False, mask_rate=1.0):
+            ...     backbone(x)  # every patch refined
+        """
+        saved_flags = [(module, module.training) for module in self.modules()]
+        saved = (self.inference_mode, self._mask_override, self._record, self.out_indices)
+        try:
+            if training is not None:
+                self.train(training)
+            if inference_mode is not None:
+                self.set_inference_mode(inference_mode)
+            if mask_rate is not _UNCHANGED:
+                self.set_mask_override(mask_rate, seed=seed)
+            if out_indices is not None:
+                self.out_indices = tuple(out_indices)
+            yield self
+        finally:
+            for module, flag in saved_flags:
+                module.training = flag
+            self.inference_mode, self._mask_override, self._record, self.out_indices = saved
 
     def _override_fn(self, block_offset: int):
         if self._mask_override is None:
@@ -469,90 +670,55 @@ class SARResNet(BaseModule):
 
         def override(mask: Tensor, index: int) -> Tensor:
             block = block_offset + index
-            # The masks depend on the shape only: drawn once, so that latency
+            key = (rate, seed, block, tuple(mask.shape), mask.device, mask.dtype)
+            if torch.compiler.is_compiling():
+                # Traced into the graph (a few integer ops); no Python cache.
+                return random_patch_masks(mask.shape, rate, seed, block, mask.device, mask.dtype)
+            # The masks depend on the key only: drawn once, so that latency
             # sweeps do not time the drawing.
-            random_mask = self._override_masks.get((block, mask.shape))
+            random_mask = self._override_masks.get(key)
             if random_mask is None:
-                batch, groups, kh, kw = mask.shape
-                generator = torch.Generator().manual_seed(seed * 1000 + block)
-                scores = torch.rand(batch, groups, kh * kw, generator=generator)
-                keep = scores.argsort(dim=-1)[..., :round(rate * kh * kw)]
                 with torch.inference_mode(False):  # usable by autograd later
-                    random_mask = torch.zeros(batch, groups, kh * kw).scatter_(-1, keep, 1.0)
-                random_mask = random_mask.view(mask.shape)
-                self._override_masks[(block, mask.shape)] = random_mask
-            return random_mask.to(mask, copy=True)
+                    random_mask = random_patch_masks(mask.shape, rate, seed, block, mask.device,
+                                                     mask.dtype)
+                self._override_masks[key] = random_mask
+                if len(self._override_masks) > _MAX_OVERRIDE_MASKS:
+                    self._override_masks.popitem(last=False)
+            # A copy: a caller's edit of a returned mask must not leak into the next forward.
+            return random_mask.clone()
 
         return override
 
+    # -------------------------------------------------------------- deploy
+    @property
+    def deployed(self) -> bool:
+        """Whether :meth:`switch_to_deploy` prepared this model for inference."""
+        return self._deployed
 
-def _check_target_rate(target: float) -> None:
-    if not 0 < target <= 1:
-        raise ValueError(f'target_rate must be in (0, 1], got {target}')
+    def switch_to_deploy(self) -> 'SARResNet':
+        """Prepare the model for fast inference, once (as RepVGG's ``switch_to_deploy``).
+
+        Folds BatchNorm into the convolutions and lays the weights out for
+        the sparse kernels, so that a forward consults no caches; the deployed
+        model compiles whole with ``torch.compile``. Eval only, and final: a
+        deployed model cannot train.
+        """
+        from sar_backbones.inference.deploy import deploy_backbone
+        if self.training:
+            raise RuntimeError('switch_to_deploy() prepares a model for inference: call eval() '
+                               'first')
+        deploy_backbone(self)
+        return self
 
 
-def _check_arguments(*, block, stage_channels, stem_channels, groups, base_strides, alpha, beta,
-                     patch_grids, patch_sizes, target_rate, rate_loss, rate_loss_weight,
-                     temperature, strides, dilations, out_indices, inference_mode,
-                     norm_cfg, frozen_stages=-1) -> None:
-    """Reject configurations that would build a wrong or broken model, naming the option."""
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f'groups (G) must be a positive int, got {groups!r}')
-    for s in base_strides:
-        if s not in (2, 4):
-            raise ValueError(f'base_stride (s) must be 2 or 4, got {base_strides}')
-    if not isinstance(alpha, int) or alpha < 1:
-        raise ValueError(f'alpha must be a positive int (base width C/alpha), got {alpha!r}')
-    if not beta > 0:
-        raise ValueError(f'beta must be > 0 (refine width beta*C), got {beta!r}')
-    for name, values in (('patch_grid', patch_grids), ('patch_size', patch_sizes)):
-        for v in values:
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ValueError(f'{name} must hold positive ints, got {values}')
-    _check_target_rate(target_rate)
-    if rate_loss not in ('batch', 'sample'):
-        raise ValueError(f"rate_loss must be 'batch' (Eq. 10) or 'sample' (Eq. 11), got {rate_loss!r}")
-    if not (math.isfinite(rate_loss_weight) and rate_loss_weight >= 0):
-        raise ValueError(f'rate_loss_weight (lambda) must be a finite number >= 0, '
-                         f'got {rate_loss_weight}')
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f'temperature must be a finite number > 0, got {temperature}')
-    if frozen_stages not in range(-1, 5):
-        raise ValueError(f'frozen_stages must be -1 (none), 0 (stem) or 1..4 (stem and the '
-                         f'first stages), got {frozen_stages!r}')
-    if inference_mode not in ('sparse', 'dense'):
-        raise ValueError(f"inference_mode must be 'sparse' or 'dense', got {inference_mode!r}")
-    if inference_mode == 'sparse' and 'BN' not in norm_cfg.get('type', ''):
-        raise ValueError(f"inference_mode='sparse' folds BatchNorm into the convolutions; "
-                         f"norm_cfg type {norm_cfg.get('type')!r} needs inference_mode='dense'")
-    if len(strides) != 4 or len(dilations) != 4:
-        raise ValueError(f'strides and dilations need 4 values (one per stage), got '
-                         f'strides={tuple(strides)}, dilations={tuple(dilations)}')
-    if strides[0] != 1:
-        raise ValueError(f'strides[0] must be 1: stage 1 works at the stem resolution, '
-                         f'got strides={tuple(strides)}')
-    for i, (s, d) in enumerate(zip(strides, dilations)):
-        if s not in (1, 2) or d < 1:
-            raise ValueError(f'stage {i + 1}: stride must be 1 or 2 and dilation >= 1, got '
-                             f'strides={tuple(strides)}, dilations={tuple(dilations)}')
-        if s > 1 and d > 1:
-            raise ValueError(
-                f'stage {i + 1} both strides and dilates (strides={tuple(strides)}, '
-                f'dilations={tuple(dilations)}); for output stride 8 use strides=(1, 2, 1, 1) '
-                'and dilations=(1, 1, 2, 4)')
-    if not out_indices or any(i not in range(4) for i in out_indices) or \
-            len(set(out_indices)) != len(out_indices):
-        raise ValueError(f'out_indices must be distinct stage indices in 0..3, got {tuple(out_indices)}')
-    bottleneck = block is Bottleneck
-    for i, width in enumerate(stage_channels[:3]):
-        in_width = stem_channels if i == 0 else stage_channels[i - 1]
-        refine_width = width * beta
-        widths = {'input width': in_width, 'base width C/alpha': width / alpha,
-                  'refine width beta*C': refine_width}
-        if bottleneck:
-            widths['refine bottleneck width beta*C/4'] = refine_width / 4
-        for label, value in widths.items():
-            if value != int(value) or int(value) % groups:
-                raise ValueError(
-                    f'groups (G={groups}) must divide every channel count of SAR stage {i + 1}, '
-                    f'but its {label} is {value} (C={width}, alpha={alpha}, beta={beta})')
+def _mask_groups(mask_groups: Optional[int], groups: Optional[int]) -> int:
+    """``G`` from ``mask_groups`` or its deprecated alias ``groups`` (default 2)."""
+    if groups is not None:
+        if mask_groups is not None and mask_groups != groups:
+            raise InvalidArgumentError(
+                f'mask_groups={mask_groups!r} and its deprecated alias groups={groups!r} differ; '
+                'give mask_groups only')
+        warnings.warn('SARResNet: `groups` is deprecated, use `mask_groups` (G): in mmdet '
+                      '`groups` means ResNeXt cardinality', DeprecationWarning)
+        return groups
+    return 2 if mask_groups is None else mask_groups
