@@ -25,7 +25,7 @@ help:
 	@echo 'make install  build/refresh the environment in $(VENV) (scripts/install.sh)'
 	@echo 'make test     install, then run the test suite (tests/)'
 	@echo 'make demo     install, then run tools/demo.py into $(DEMO_WORK_DIR)'
-	@echo 'make lint     flake8 over the package, tools and tests (if installed)'
+	@echo 'make lint     flake8 and isort (setup.cfg) over the package, tools, tests and configs'
 
 install:
 	SAR_VENV='$(VENV)' bash scripts/install.sh
@@ -39,9 +39,6 @@ test: install
 demo: install
 	$(PYTHON) tools/demo.py --work-dir $(DEMO_WORK_DIR) --overwrite
 
-lint:
-	@if $(PYTHON) -m flake8 --version >/dev/null 2>&1; then \
-		$(PYTHON) -m flake8 sar_backbones tools tests; \
-	else \
-		echo 'flake8 is not installed in $(VENV); skipping lint'; \
-	fi
+lint: install
+	$(PYTHON) -m flake8 sar_backbones tools tests benchmarks configs
+	$(PYTHON) -m isort --check-only --diff sar_backbones tools tests benchmarks

@@ -1,6 +1,6 @@
 """SAR-ResNet backbones for OpenMMLab."""
 from .compat import apply_patches
-from .version import __version__
+from .version import __version__  # noqa: F401
 
 # Fix the pinned stack's known breakages on recent PyTorch before anything
 # else uses mmengine (see ``sar_backbones/compat.py``).

@@ -54,4 +54,3 @@ model = dict(
         init_cfg=dict(
             type='Pretrained',
             checkpoint='checkpoints/sar-resnetv1c50-g2s4a1b1_in1k_backbone.pth')))
-

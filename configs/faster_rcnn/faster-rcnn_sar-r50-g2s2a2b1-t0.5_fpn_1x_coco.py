@@ -44,4 +44,3 @@ model = dict(
         init_cfg=dict(
             type='Pretrained',
             checkpoint='checkpoints/sar-resnet50-g2s2a2b1_in1k_backbone.pth')))
-

@@ -86,4 +86,3 @@ def deploy_backbone(backbone: nn.Module) -> None:
     if left:
         raise AssertionError(f'deploy left BatchNorm layers unfolded: {left}')
     backbone._deployed = True
-

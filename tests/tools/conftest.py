@@ -12,4 +12,3 @@ def imagenet_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp('sar_tools_data')
     generate_imagenet(root, num_train_per_class=2, num_val_per_class=1, image_size=64)
     return root
-

@@ -26,8 +26,6 @@ ROW_FIELDS = ('task', 'model', 'input_shape', 'metric_name', 'untrained', 'train
               'params_resnet_m', 'checkpoint', 'resolved_config', 'mask_overlay')
 
 
-
-
 @pytest.fixture(scope='module')
 def demo():
     return load_script('tools/demo.py')

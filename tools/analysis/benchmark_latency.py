@@ -214,7 +214,6 @@ def main(argv=None) -> dict:
 
 if __name__ == '__main__':
     import os
-    import sys
 
     from sar_backbones.models.backbones.checkpoint import (BackboneCheckpointMismatchError,
                                                            CheckpointReadError)

@@ -268,7 +268,6 @@ def main(argv=None) -> Dict[str, object]:
 
 
 if __name__ == '__main__':
-    import os
     import sys
 
     from sar_backbones.models.backbones.checkpoint import (BackboneCheckpointMismatchError,

@@ -1,6 +1,6 @@
 """Region selection (paper Sec. III-A.2, Eq. 2 and Eq. 8-9)."""
 import weakref
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Sequence, Tuple
 
 import torch
 import torch.nn as nn

@@ -17,4 +17,3 @@ def tiny_data(tmp_path_factory) -> Path:
     generate_voc(root, num_train=4, num_val=2, image_size=(64, 96))
     generate_imagenet(root, num_train_per_class=2, num_val_per_class=1, image_size=64)
     return root
-

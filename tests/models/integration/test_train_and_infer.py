@@ -57,6 +57,12 @@ def test_detector_train_eval_and_det_inferencer(tiny_data, tmp_path):
     rates = backbone.get_activation_rates()
     assert rates.shape[0] == 1 and ((rates >= 0) & (rates <= 1)).all()
 
+    # Without a config: the inferencer rebuilds the model from the config the
+    # runner stored in the checkpoint (sar_backbones is imported, see README).
+    from_weights = DetInferencer(weights=str(ckpt), device='cpu', show_progress=False)
+    assert type(from_weights.model).__name__ == 'SARFasterRCNN'
+    _assert_loaded(from_weights.model, ckpt)
+
 
 def test_segmentor_train_eval_and_seg_inferencer(tiny_data, tmp_path):
     from mmseg.apis import MMSegInferencer
