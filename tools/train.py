@@ -22,7 +22,7 @@ from mmengine.runner import Runner
 
 import sar_backbones  # noqa: F401  (registries and compat fixes)
 from sar_backbones.engine import setup_distributed_for_device
-from sar_backbones.utils.cli import ArgumentParser, non_negative_int
+from sar_backbones.utils.cli import ArgumentParser, non_negative_int, run_tool
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -99,14 +99,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
-    import sys
-
-    from sar_backbones.models.backbones.checkpoint import (BackboneCheckpointMismatchError,
-                                                           CheckpointReadError)
-    try:
-        main()
-    except (CheckpointReadError, BackboneCheckpointMismatchError) as error:
-        # --resume / load_from / Pretrained unreadable or of another model: one line, exit 2.
-        message = ' '.join(str(error).split())
-        sys.stderr.write(f'{osp.basename(sys.argv[0])}: error: {message}\n')
-        sys.exit(2)
+    run_tool(main)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Tuple
 
@@ -293,3 +294,21 @@ def _same_path(a: Path, b: Path) -> bool:
     except OSError:
         pass
     return a.resolve() == b.resolve()
+
+
+def run_tool(main: Callable[[], object]) -> None:
+    """Run a tool's ``main``; an unreadable or mismatched checkpoint is one line and exit 2.
+
+    The checkpoint errors are user mistakes (a wrong ``--checkpoint``,
+    ``load_from`` or ``Pretrained`` file), found only once the file is read,
+    after argument parsing: they get the same one-line treatment as a bad
+    argument instead of a traceback.
+    """
+    from sar_backbones.models.backbones.checkpoint import (BackboneCheckpointMismatchError,
+                                                           CheckpointReadError)
+    try:
+        main()
+    except (CheckpointReadError, BackboneCheckpointMismatchError) as error:
+        message = ' '.join(str(error).split())
+        sys.stderr.write(f'{os.path.basename(sys.argv[0])}: error: {message}\n')
+        sys.exit(2)

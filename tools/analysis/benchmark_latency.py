@@ -31,7 +31,7 @@ from sar_backbones.analysis.benchmark import LatencyConfig, run_latency_benchmar
 from sar_backbones.analysis.latency import machine_info
 from sar_backbones.utils.cli import (MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, ArgumentParser,
                                      check_inputs_exist, check_report_paths, float_in, int_in,
-                                     non_negative_int, positive_int, size_in)
+                                     non_negative_int, positive_int, run_tool, size_in)
 
 
 DEPTHS = (18, 34, 50, 101)
@@ -213,14 +213,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == '__main__':
-    import os
-
-    from sar_backbones.models.backbones.checkpoint import (BackboneCheckpointMismatchError,
-                                                           CheckpointReadError)
-    try:
-        main()
-    except (CheckpointReadError, BackboneCheckpointMismatchError) as error:
-        # --checkpoint unreadable or of another model: one line, exit 2.
-        message = ' '.join(str(error).split())
-        sys.stderr.write(f'{os.path.basename(sys.argv[0])}: error: {message}\n')
-        sys.exit(2)
+    run_tool(main)

@@ -36,8 +36,8 @@ from sar_backbones.analysis.flops_stats import (assumed_rate_complexity, dataloa
 from sar_backbones.analysis.latency import TorchvisionBackbone
 from sar_backbones.analysis.presets import load_model
 from sar_backbones.utils.cli import (ArgumentParser, check_inputs_exist, check_no_overlap,
-                                     check_output_file, count_between, float_in, image_side,
-                                     int_in, positive_int)
+                                     check_output_file, count_between, float_in, image_side, int_in,
+                                     positive_int, run_tool)
 
 DEFAULT_SHAPES = {'classifier': (224, 224), 'preset': (224, 224), 'detector': (800, 1333),
                   'segmentor': (512, 512), 'unknown': (224, 224)}
@@ -268,14 +268,4 @@ def main(argv=None) -> Dict[str, object]:
 
 
 if __name__ == '__main__':
-    import sys
-
-    from sar_backbones.models.backbones.checkpoint import (BackboneCheckpointMismatchError,
-                                                           CheckpointReadError)
-    try:
-        main()
-    except (CheckpointReadError, BackboneCheckpointMismatchError) as error:
-        # --checkpoint unreadable or of another model: one line, exit 2.
-        message = ' '.join(str(error).split())
-        sys.stderr.write(f'{os.path.basename(sys.argv[0])}: error: {message}\n')
-        sys.exit(2)
+    run_tool(main)

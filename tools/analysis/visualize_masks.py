@@ -35,7 +35,7 @@ from sar_backbones.analysis.mask_vis import collect_masks, save_overlays
 from sar_backbones.analysis.presets import load_model
 from sar_backbones.utils.cli import (ArgumentParser, check_inputs_exist, check_output_dir,
                                      count_between, float_in, image_side, non_negative_int,
-                                     positive_int)
+                                     positive_int, run_tool)
 
 # Input sizes of the shipped test pipelines: (size, keep_ratio, pad divisor).
 TASK_INPUT = {'classifier': ((224, 224), False, 1), 'preset': ((224, 224), False, 1),
@@ -167,14 +167,4 @@ def main(argv=None) -> Dict[str, object]:
 
 
 if __name__ == '__main__':
-    import sys
-
-    from sar_backbones.models.backbones.checkpoint import (BackboneCheckpointMismatchError,
-                                                           CheckpointReadError)
-    try:
-        main()
-    except (CheckpointReadError, BackboneCheckpointMismatchError) as error:
-        # --checkpoint unreadable or of another model: one line, exit 2.
-        message = ' '.join(str(error).split())
-        sys.stderr.write(f'{os.path.basename(sys.argv[0])}: error: {message}\n')
-        sys.exit(2)
+    run_tool(main)
