@@ -28,6 +28,5 @@ setup(
     # listed here so that pip never tries to build it on its own.
     install_requires=read_requirements('torch.txt') + read_requirements('runtime.txt'),
     extras_require={'tests': read_requirements('tests.txt')},
-    entry_points={'console_scripts': ['sar-make-data=sar_backbones.datasets.generate:main']},
     zip_safe=False,
 )

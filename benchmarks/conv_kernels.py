@@ -17,16 +17,20 @@ Example:
     python benchmarks/conv_kernels.py --threads 1 \\
         --out benchmarks/results/conv_kernels_amd-epyc-2cpu.json
 """
+import sys
 from collections import OrderedDict
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from sar_backbones.analysis.latency import (interleaved_timing, save_script_report,
-                                            script_report_header, set_threads, summarize)
-from sar_backbones.utils.cli import (ArgumentParser, check_report_paths, int_in, non_negative_int,
-                                     positive_int)
+# The benchmark helpers are the repository's `benchmarks` package (run from anywhere).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.timing import (interleaved_timing, save_script_report,  # noqa: E402
+                               script_report_header, set_threads, summarize)
+from sar_backbones.utils.cli import (ArgumentParser, check_report_paths, int_in,  # noqa: E402
+                                     non_negative_int, positive_int)
 
 # (label, input shape (N, C, H, W), output channels, kernel size, padding)
 SHAPES = [

@@ -1,4 +1,4 @@
-"""NCHW <-> NHWC copies of the sparse path: PyTorch's blocked 2-D transpose against its strided copy.
+"""NCHW <-> NHWC copies of the sparse path: PyTorch's blocked 2-D transpose vs its strided copy.
 
 The sparse refine path works on channels-last pixel rows, so an NCHW backbone
 copies each SAR stage's input into rows and the refine output back to NCHW
@@ -22,16 +22,20 @@ Example:
     python benchmarks/layout_copy.py --threads 1 2 \\
         --out benchmarks/results/layout_copy_amd-epyc-2cpu.json
 """
+import sys
 from collections import OrderedDict
+from pathlib import Path
 from typing import Callable, List
 
 import torch
 
-from sar_backbones.analysis.latency import (interleaved_timing, save_script_report,
-                                            script_report_header, set_threads, summarize)
-from sar_backbones.inference import memory_format
-from sar_backbones.utils.cli import (ArgumentParser, check_report_paths, int_in, non_negative_int,
-                                     positive_int)
+# The benchmark helpers are the repository's `benchmarks` package (run from anywhere).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.timing import (interleaved_timing, save_script_report,  # noqa: E402
+                               script_report_header, set_threads, summarize)
+from sar_backbones.inference import memory_format  # noqa: E402
+from sar_backbones.utils.cli import (ArgumentParser, check_report_paths, int_in,  # noqa: E402
+                                     non_negative_int, positive_int)
 
 # (direction, (C, H, W)): refine outputs back to NCHW, stage inputs into rows.
 SHAPES = [('to NCHW', shape) for shape in ((256, 200, 304), (512, 100, 152), (1024, 50, 76),

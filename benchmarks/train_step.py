@@ -22,6 +22,7 @@ Example:
     python benchmarks/train_step.py --threads 0 \\
         --out benchmarks/results/train_step_amd-epyc-2cpu.json
 """
+import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
@@ -31,12 +32,14 @@ from mmengine.config import Config
 from mmengine.optim import OptimWrapper
 from mmengine.registry import init_default_scope
 
-from sar_backbones.analysis.latency import (interleaved_timing, save_script_report,
-                                            script_report_header, set_threads, summarize)
-from sar_backbones.utils.cli import (ArgumentParser, check_report_paths, int_in, non_negative_int,
-                                     positive_int)
-
 REPO = Path(__file__).resolve().parents[1]
+# The benchmark helpers are the repository's `benchmarks` package (run from anywhere).
+sys.path.insert(0, str(REPO))
+from benchmarks.timing import (interleaved_timing, save_script_report,  # noqa: E402
+                               script_report_header, set_threads, summarize)
+from sar_backbones.utils.cli import (ArgumentParser, check_report_paths, int_in,  # noqa: E402
+                                     non_negative_int, positive_int)
+
 BATCH = 2
 
 

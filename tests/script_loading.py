@@ -1,4 +1,4 @@
-"""Import a script of the repository (tools/, benchmarks/) as a module: the scripts are not a package."""
+"""Import a script of the repository (``tools/``, ``benchmarks/``) as a module, as it would run."""
 import importlib.util
 from pathlib import Path
 from types import ModuleType

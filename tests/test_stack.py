@@ -150,8 +150,7 @@ def test_mmcv_roi_align_matches_torchvision(aligned: bool) -> None:
     batch = torch.randint(0, 2, (20, 1), generator=gen).float()
     rois = torch.cat([batch, xy, xy + wh], dim=1)  # may cross the border
     for sampling_ratio in (0, 2):
-        out = RoIAlign((7, 7), 0.5, sampling_ratio, 'avg', aligned)(feats,
-                                                                   rois)
+        out = RoIAlign((7, 7), 0.5, sampling_ratio, 'avg', aligned)(feats, rois)
         ref = torchvision.ops.roi_align(
             feats, rois, (7, 7), 0.5, sampling_ratio, aligned=aligned)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -30,9 +30,8 @@ from sar_backbones.engine import setup_distributed_for_device
 from sar_backbones.models.backbones.checkpoint import (ArchitectureCheckedLoading,
                                                        BackboneCheckpointMismatchError,
                                                        CheckpointReadError,
-                                                       check_backbone_state_dict,
-                                                       describe_mismatch, extract_state_dict,
-                                                       load_checkpoint_file)
+                                                       check_backbone_state_dict, describe_mismatch,
+                                                       extract_state_dict, load_checkpoint_file)
 from sar_backbones.utils.cli import ArgumentParser, check_output_file, non_negative_int
 
 

@@ -5,7 +5,7 @@
 # deeplabv3_r50-d8_4xb4-20k_voc12aug-512x512.py.
 #
 # Baseline: mmseg DeepLabV3 R50-D8 VOC aug 20k, 76.17 mIoU (mmseg 1.2.2 model
-# zoo, configs/deeplabv3/metafile.yaml; DESIGN.md section 3). Val/test logs
+# zoo, configs/deeplabv3/metafile.yaml). Val/test logs
 # `act_rate` and `effective_gflops` (backbone) next to mIoU.
 #
 # Like mmseg's ResNetV1c baseline the backbone has the deep stem and dilated
@@ -18,7 +18,9 @@
 # SyncBN as in mmseg's config (GPU training); a non-distributed run reverts it
 # to BN automatically (mmengine Runner), and tools/train.py swaps it for BN in
 # distributed CPU runs.
-_base_ = ['mmseg::deeplabv3/deeplabv3_r50-d8_4xb4-20k_voc12aug-512x512.py', '../_base_/sar_hooks.py']
+_base_ = [
+    'mmseg::deeplabv3/deeplabv3_r50-d8_4xb4-20k_voc12aug-512x512.py', '../_base_/sar_hooks.py'
+]
 
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 model = dict(

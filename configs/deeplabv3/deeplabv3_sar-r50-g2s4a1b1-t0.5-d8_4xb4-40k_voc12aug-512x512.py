@@ -3,7 +3,7 @@
 # deeplabv3_r50-d8_4xb4-40k_voc12aug-512x512.py (its schedule_40k below).
 #
 # Baseline: mmseg DeepLabV3 R50-D8 VOC aug 40k, 77.68 mIoU (mmseg 1.2.2 model
-# zoo, configs/deeplabv3/metafile.yaml; DESIGN.md section 3). The tau and target
+# zoo, configs/deeplabv3/metafile.yaml). The tau and target
 # milestones are fractions of training, so they stretch with it.
 _base_ = './deeplabv3_sar-r50-g2s4a1b1-t0.5-d8_4xb4-20k_voc12aug-512x512.py'
 

@@ -4,7 +4,7 @@
 # faster-rcnn_r50_fpn_1x_coco.py (800x1333, SGD lr 0.02 for 16 images).
 #
 # Baseline: mmdet Faster R-CNN R50-FPN 1x, 37.4 box AP (mmdet 3.3.0 model zoo,
-# configs/faster_rcnn/metafile.yml; DESIGN.md section 3). Test/val logs
+# configs/faster_rcnn/metafile.yml). Test/val logs
 # `act_rate` and `effective_gflops` (backbone) next to coco/bbox_mAP.
 #
 # The backbone weights come from ImageNet pretraining, converted to a

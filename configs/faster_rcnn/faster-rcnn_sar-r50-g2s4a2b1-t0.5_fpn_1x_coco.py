@@ -3,7 +3,7 @@
 # the paper notes s=4 may hurt small objects while mAP_M/mAP_L improve).
 #
 # Baseline: mmdet Faster R-CNN R50-FPN 1x, 37.4 box AP (mmdet 3.3.0 model zoo,
-# configs/faster_rcnn/metafile.yml; DESIGN.md section 3).
+# configs/faster_rcnn/metafile.yml).
 #
 # Backbone weights: train configs/sar_resnet/sar-resnet50-g2s4a2b1-t0.5_8xb32_in1k.py,
 # then

@@ -5,7 +5,7 @@
 # pspnet_r50-d8_4xb4-20k_voc12aug-512x512.py.
 #
 # Baseline: mmseg PSPNet R50-D8 VOC aug 20k, 76.78 mIoU (mmseg 1.2.2 model
-# zoo, configs/pspnet/metafile.yaml; DESIGN.md section 3). Val/test logs
+# zoo, configs/pspnet/metafile.yaml). Val/test logs
 # `act_rate` and `effective_gflops` (backbone) next to mIoU.
 #
 # Like mmseg's ResNetV1c baseline the backbone has the deep stem and dilated

@@ -4,7 +4,7 @@
 # retinanet_r50_fpn_1x_coco.py (800x1333, SGD lr 0.01 for 16 images).
 #
 # Baseline: mmdet RetinaNet R50-FPN 1x, 36.5 box AP (mmdet 3.3.0 model zoo,
-# configs/retinanet/metafile.yml; DESIGN.md section 3). Test/val logs
+# configs/retinanet/metafile.yml). Test/val logs
 # `act_rate` and `effective_gflops` (backbone) next to coco/bbox_mAP.
 #
 # Backbone weights: see configs/faster_rcnn/faster-rcnn_sar-r50-g2s2a2b1-t0.5_fpn_1x_coco.py

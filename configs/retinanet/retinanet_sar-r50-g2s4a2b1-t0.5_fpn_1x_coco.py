@@ -2,7 +2,7 @@
 # second detection setting (base branch at 1/4 resolution).
 #
 # Baseline: mmdet RetinaNet R50-FPN 1x, 36.5 box AP (mmdet 3.3.0 model zoo,
-# configs/retinanet/metafile.yml; DESIGN.md section 3).
+# configs/retinanet/metafile.yml).
 #
 # Backbone weights: train configs/sar_resnet/sar-resnet50-g2s4a2b1-t0.5_8xb32_in1k.py,
 # then

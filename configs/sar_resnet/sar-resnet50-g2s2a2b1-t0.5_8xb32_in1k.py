@@ -1,5 +1,5 @@
 # SAR-ResNet50 G2s2a2b1, target rate t=0.5: ImageNet-1k pretraining with the
-# paper's recipe (Han et al., TIP 2021, appendix; DESIGN.md section 1):
+# paper's recipe (Han et al., TIP 2021, appendix):
 # 110 epochs, Nesterov SGD (momentum 0.9, wd 1e-4, lr 0.1 x batch/256),
 # 5-epoch linear warmup then cosine decay, label smoothing 0.1,
 # L = L_cls + 0.5 * L_refine (batch target, Eq. 10), Gumbel temperature
@@ -7,9 +7,10 @@
 # at epochs 30/45/60.
 #
 # Baseline: mmpretrain ResNet-50 (configs/resnet/resnet50_8xb32_in1k.py,
-# mmpretrain 1.2.0 model zoo): 76.55 top-1 at 4.12 GFLOPs (DESIGN.md section 3).
-# This model: F(r) = 1.857 + 1.047 r GMACs with the classifier head (DESIGN.md
-# section 1); eval logs `act_rate` and `effective_gflops` (backbone only).
+# mmpretrain 1.2.0 model zoo, configs/resnet/metafile.yml): 76.55 top-1 at 4.12
+# GFLOPs.
+# This model: F(r) = 1.857 + 1.047 r GMACs with the classifier head (README.md,
+# "Complexity"); eval logs `act_rate` and `effective_gflops` (backbone only).
 #
 # Train: tools/dist_train.sh configs/sar_resnet/sar-resnet50-g2s2a2b1-t0.5_8xb32_in1k.py 8
 # Convert for detection:

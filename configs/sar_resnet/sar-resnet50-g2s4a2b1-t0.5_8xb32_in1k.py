@@ -5,7 +5,8 @@
 # sar-resnet50-g2s2a2b1-t0.5_8xb32_in1k.py.
 #
 # Baseline: mmpretrain ResNet-50 (configs/resnet/resnet50_8xb32_in1k.py,
-# mmpretrain 1.2.0 model zoo): 76.55 top-1 at 4.12 GFLOPs (DESIGN.md section 3).
+# mmpretrain 1.2.0 model zoo, configs/resnet/metafile.yml): 76.55 top-1 at 4.12
+# GFLOPs.
 #
 # Convert for detection:
 #   python tools/model_converters/sar2backbone.py \

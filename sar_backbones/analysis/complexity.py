@@ -1,4 +1,4 @@
-"""Parameters and FLOPs of SAR-ResNet in the paper's convention.
+"""Parameters and FLOPs of the SAR backbones in the paper's convention.
 
 FLOPs are multiply-accumulates, counted as the authors counted them: every
 convolution and linear layer, average/max pooling at ``kernel area x output
@@ -69,8 +69,17 @@ def count_macs(model: nn.Module, input_shape: Sequence[int],
     return totals
 
 
+def _last_output(backbone: SARResNet) -> int:
+    """Index of the backbone's last output (3 for SAR-ResNet, 6 or 7 for SAR-MobileNetV2)."""
+    return getattr(backbone, 'num_outputs', len(backbone.stage_channels)) - 1
+
+
 def dense_cost(backbone: SARResNet, input_shape: Sequence[int]) -> Dict[str, object]:
-    """Static MACs, per-masked-block refine MACs at rate 1 and the last stage's area, one image."""
+    """Static MACs, per-masked-block refine MACs at rate 1 and the last stage's area, one image.
+
+    Works for every SAR backbone whose refine blocks list ``convs_and_norms``
+    (SAR-ResNet, SAR-ResNeXt, SAR-MobileNetV2).
+    """
     refine_index: Dict[int, int] = {}
     for index, block in enumerate(b for stage in backbone.sar_stages for b in stage.refine_blocks):
         for conv, _ in block.convs_and_norms:
@@ -84,10 +93,11 @@ def dense_cost(backbone: SARResNet, input_shape: Sequence[int]) -> Dict[str, obj
 
     # The dense path calls every refine conv once.
     with backbone.temporary_settings(training=False, inference_mode='dense', mask_rate=1.0,
-                                     out_indices=(3, )):
+                                     out_indices=(_last_output(backbone), )):
         totals = count_macs(backbone, input_shape, lambda m: refine_index.get(id(m), 0), forward)
     num_blocks = backbone.num_masked_blocks
-    return {'static': totals.get(0, 0), 'refine': [totals.get(i, 0) for i in range(1, num_blocks + 1)],
+    return {'static': totals.get(0, 0),
+            'refine': [totals.get(i, 0) for i in range(1, num_blocks + 1)],
             'last_area': last_area[0]}
 
 
@@ -111,10 +121,11 @@ def _rates_tensor(rate: Rate, num_blocks: int) -> Tensor:
 def model_complexity(model: nn.Module, input_shape: Sequence[int] = (3, 224, 224),
                      activation_rate: Rate = None,
                      num_classes: Optional[int] = None) -> Dict[str, object]:
-    """Parameters and (effective) FLOPs of a SAR-ResNet in the paper's convention.
+    """Parameters and (effective) FLOPs of a SAR backbone in the paper's convention.
 
     Args:
-        model (nn.Module): A :class:`SARResNet` or a model whose ``backbone`` is one.
+        model (nn.Module): A SAR backbone (:class:`SARResNet`, SAR-ResNeXt,
+            SAR-MobileNetV2) or a model whose ``backbone`` is one.
         input_shape (Sequence[int]): ``(C, H, W)`` of one image.
         activation_rate: None (everything refined, the dense-equivalent cost),
             one rate for all blocks, one rate per masked block, or measured
@@ -140,7 +151,7 @@ def model_complexity(model: nn.Module, input_shape: Sequence[int] = (3, 224, 224
     params = sum(p.numel() for p in backbone.parameters())
     static = cost['static']
     if num_classes is not None:
-        channels = backbone.stage_channels[3]
+        channels = backbone.stage_channels[_last_output(backbone)]
         static += channels * cost['last_area'] + channels * num_classes
         params += channels * num_classes + num_classes
     refine = torch.tensor(cost['refine'], dtype=torch.float64)

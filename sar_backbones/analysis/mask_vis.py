@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..engine.hooks import get_sar_backbone
 from ..models.layers import expand_mask
 from ..models.layers.masking import nearest_source_index
-from ..engine.hooks import get_sar_backbone
 
 # One tint per group (RGB), cycling for G > 4.
 GROUP_COLOURS = ((255, 64, 32), (32, 160, 255), (64, 220, 64), (240, 200, 0))
@@ -196,8 +196,8 @@ def save_overlays(image: np.ndarray, collected: Dict[str, object], out_dir: str,
     if level == 'stage':
         for (stage, group), weight in sorted(stage_group_weights(collected).items()):
             colour = GROUP_COLOURS[group % len(GROUP_COLOURS)]
-            files.append(save_png(overlay(image, weight, colour),
-                                  osp.join(out_dir, f'{stem}_stage{stage + 1}_group{group + 1}.png')))
+            name = f'{stem}_stage{stage + 1}_group{group + 1}.png'
+            files.append(save_png(overlay(image, weight, colour), osp.join(out_dir, name)))
     else:
         per_stage: Dict[int, int] = {}
         for pixel_mask, stage in zip(collected['pixel_masks'], collected['stage_of_block']):

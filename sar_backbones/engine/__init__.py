@@ -1,11 +1,13 @@
 """Training-loop components (mmengine hooks) for SAR backbones."""
-from .hooks import (SARGumbelNoiseHook, SARRateLoggerHook, SARTargetRateHook,
-                    SARTemperatureHook, get_sar_backbone, training_progress)
+from .hooks import (SARGumbelNoiseHook, SARRateCalibrationHook, SARRateLoggerHook,
+                    SARTargetRateHook, SARTemperatureHook, eval_margins, get_sar_backbone,
+                    training_progress)
 from .launch import setup_distributed_for_device, swap_sync_bn
 from .robust_hooks import SARNoiseSeedHook, SARRateSyncHook
 
 __all__ = [
     'SARTemperatureHook', 'SARTargetRateHook', 'SARGumbelNoiseHook', 'SARRateLoggerHook',
+    'SARRateCalibrationHook', 'eval_margins',
     'get_sar_backbone', 'training_progress', 'setup_distributed_for_device',
     'swap_sync_bn', 'SARNoiseSeedHook', 'SARRateSyncHook'
 ]

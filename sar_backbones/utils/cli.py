@@ -16,7 +16,6 @@ argparse itself prefixes the argument's name to the message::
     # --num-images 0  ->  "prog: error: argument --num-images: must be an integer >= 1, got '0'"
 """
 from __future__ import annotations
-
 import argparse
 import math
 import os

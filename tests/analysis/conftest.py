@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from sar_backbones.datasets.generate import generate_imagenet
+from tools.datasets.generate_shape_datasets import generate_imagenet
 
 
 @pytest.fixture(scope='session')

@@ -7,14 +7,12 @@ import torch
 import torch.nn as nn
 
 import sar_backbones
+from benchmarks.latency import fold_batchnorm, format_headroom, target_headroom
+from benchmarks.parts import PartTimer, group_parts, sar_parts
+from benchmarks.timing import (conv_backend, interleaved_timing, max_relative_error, parse_size,
+                               summarize)
 from sar_backbones.analysis import model_complexity
-from sar_backbones.analysis.benchmark import format_headroom, target_headroom
-from sar_backbones.analysis.latency import (PartTimer, build_resnet_backbone, conv_backend,
-                                            fold_batchnorm,
-                                            group_parts, interleaved_timing, max_relative_error,
-                                            parse_size, sar_parts, summarize)
-from sar_backbones.analysis.presets import build_preset_backbone
-
+from tools.analysis.model_builders import build_preset_backbone, torchvision_resnet
 from .tool_helpers import load_tool
 
 benchmark_latency = load_tool('benchmark_latency')
@@ -54,7 +52,7 @@ def test_summarize_and_interleaved_timing():
 @pytest.mark.parametrize('depth', [18, 50])
 def test_fold_batchnorm_keeps_the_function(depth):
     x = torch.randn(1, 3, 64, 64)
-    resnet = build_resnet_backbone(depth)
+    resnet = torchvision_resnet(depth)
     _randomise_norms(resnet)
     folded = fold_batchnorm(resnet)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
@@ -121,7 +119,8 @@ def test_benchmark_tool_writes_documented_fields(tmp_path):
     assert {e['case'] for e in saved['per_stage']} == {'resnet18+fold', 'sar18-dense@0.50',
                                                        'sar18-sparse@0.50'}
     for entry in saved['per_stage']:
-        assert {'parts', 'grouped', 'parts_min', 'grouped_min', 'macs', 'grouped_macs'} <= set(entry)
+        assert {'parts', 'grouped', 'parts_min', 'grouped_min', 'macs',
+                'grouped_macs'} <= set(entry)
     # the per-part MACs add up to the paper-convention count at the nominal rate; the
     # rows count the rates the override really drew (a 2x2 grid knows only 0.25 steps)
     # (sizes other than 224x224 use fixed 4/4/7-pixel patches)
@@ -191,15 +190,16 @@ def test_benchmark_tool_learned_masks_from_a_checkpoint(tmp_path, tiny_imagenet)
         '--depths', '18', '--sizes', '64x64', '--threads', '1', '--rates', '0.5',
         '--modes', 'sparse', '--reps', '1', '--warmup', '0', '--bn-fold', 'neither',
         '--preset', 'sar-resnet18-g2s2a2b1', '--checkpoint', str(ckpt),
-        '--images', str(tiny_imagenet / 'val'), '--patch-mode', 'grid', '--patch-grid', '4', '4', '2',
+        '--images', str(tiny_imagenet / 'val'), '--patch-mode', 'grid',
+        '--patch-grid', '4', '4', '2',
         '--conv-backend', 'onednn', '--out', str(out)])
     assert report['meta']['config']['conv_backend'] == 'onednn'
     assert 'oneDNN for every conv' in (tmp_path / 'learned.md').read_text()
     # --patch-grid reaches the random-mask models: rate 0.5 is exact on 4x4/4x4/2x2 grids
     assert list(report['meta']['config']['patch_grid']) == [4, 4, 2]
     random_row = next(r for r in report['results'] if r['model'] == 'sar18-sparse@0.50')
-    expected = model_complexity(build_preset_backbone('sar-resnet18-g2s2a2b1', patch_grid=(4, 4, 2)),
-                                (3, 64, 64), 0.5)
+    backbone = build_preset_backbone('sar-resnet18-g2s2a2b1', patch_grid=(4, 4, 2))
+    expected = model_complexity(backbone, (3, 64, 64), 0.5)
     assert random_row['flops'] == pytest.approx(expected['flops'])
     learned = next(r for r in report['results'] if r['rate'] == 'learned')
     assert learned['model'] == 'sar18-sparse@learned'
@@ -219,7 +219,7 @@ def _conv_kernels(fn) -> set:
 
 def test_conv_backend_onednn_routes_every_conv_and_keeps_the_function():
     x = torch.randn(1, 3, 64, 64)
-    resnet = fold_batchnorm(build_resnet_backbone(18)).eval()
+    resnet = fold_batchnorm(torchvision_resnet(18)).eval()
     sar = fold_batchnorm(build_preset_backbone('sar-resnet18-g2s2a2b1'))
     sar.set_mask_override(0.5)
     threads = torch.get_num_threads()
@@ -228,8 +228,8 @@ def test_conv_backend_onednn_routes_every_conv_and_keeps_the_function():
         with torch.inference_mode():
             for model in (resnet, sar):
                 default_out = model(x)
-                assert _conv_kernels(lambda: model(x)) == {'aten::_slow_conv2d_forward',
-                                                            'aten::mkldnn_convolution'}
+                assert _conv_kernels(lambda: model(x)) == {
+                    'aten::_slow_conv2d_forward', 'aten::mkldnn_convolution'}
                 default_conv2d = torch.nn.functional.conv2d
                 with conv_backend('onednn'):
                     assert _conv_kernels(lambda: model(x)) == {'aten::mkldnn_convolution'}

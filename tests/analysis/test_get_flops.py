@@ -6,8 +6,7 @@ import torch
 
 from sar_backbones.analysis import model_complexity
 from sar_backbones.analysis.flops_stats import folder_inputs, measure_rates, rate_statistics
-from sar_backbones.analysis.presets import build_preset_backbone, parse_preset
-
+from tools.analysis.model_builders import build_preset_backbone, parse_preset
 from .tool_helpers import CLASSIFIER, DEEPLABV3, FASTER_RCNN, load_tool
 
 get_flops = load_tool('get_flops')
@@ -20,8 +19,8 @@ MEASURED_FIELDS = {'num_images', 'params', 'activation_rate', 'stage_rates', 'bl
 
 
 def test_parse_preset():
-    assert parse_preset('sar-resnet50-g2s2a2b1') == dict(depth=50, mask_groups=2, base_stride=2,
-                                                        alpha=2, beta=1)
+    assert parse_preset('sar-resnet50-g2s2a2b1') == dict(
+        depth=50, mask_groups=2, base_stride=2, alpha=2, beta=1)
     assert parse_preset('sar-resnetv1c50-g2s4a1b1-t0.5') == dict(
         depth=50, mask_groups=2, base_stride=4, alpha=1, beta=1, deep_stem=True, target_rate=0.5)
     with pytest.raises(ValueError, match='unknown preset'):
@@ -109,3 +108,45 @@ def test_segmentor_config_is_compared_with_the_dilated_resnet():
     assert 'ResNetV1c' in result['reference']['model']  # deep stem, OS8 like the SAR backbone
     assert 0 < result['assumed'][0]['flops_ratio_vs_reference'] < 1
     assert result['assumed'][0]['flops'] < result['assumed'][1]['flops'] == result['flops_dense']
+
+
+CONFIGS = CLASSIFIER.parents[1]
+SAR_MOBILENET = CONFIGS / 'sar_mobilenet_v2' / 'sar-mobilenet-v2-g2s2a2b1-t0.5_8xb32_in1k.py'
+SAR_MOBILENET_SEG = (CONFIGS / 'deeplabv3' /
+                     'deeplabv3_sar-mobilenet-v2-g2s2a2b1-t0.5-d8_4xb4-20k_voc12aug-512x512.py')
+SAR_RESNEXT = CONFIGS / 'sar_resnext' / 'sar-resnext50-32x4d-g2s2a2b1-t0.5_8xb32_in1k.py'
+
+
+def test_sar_mobilenet_v2_is_compared_with_mobilenet_v2():
+    result = get_flops.main([str(SAR_MOBILENET), '--rate', '0.5'])
+    assert result['num_classes'] == 1000
+    assert result['reference']['model'] == 'mmpretrain MobileNetV2 1x (with head)'
+    # MobileNetV2 1.0 with its head: 300.8 MMACs (the published 300 MFLOPs).
+    assert result['reference']['flops'] == 300836992
+    assert result['params'] / 1e6 == pytest.approx(3.54, abs=0.005)
+    assert result['assumed'][0]['flops'] / 1e9 == pytest.approx(0.196 + 0.5 * 0.0674, abs=1e-3)
+    assert 0.2 < result['assumed'][0]['flops_reduction_vs_reference'] < 0.3
+
+
+def test_sar_mobilenet_v2_os8_is_compared_with_the_dilated_mobilenet_v2():
+    result = get_flops.main([str(SAR_MOBILENET_SEG), '--shape', '96', '--rate', '1.0'])
+    assert result['reference']['model'].startswith('mmseg MobileNetV2 1x (strides (1, 2, 2, 1')
+    from mmseg.models.backbones import MobileNetV2
+
+    from sar_backbones.analysis import count_macs
+    plain = MobileNetV2(strides=(1, 2, 2, 1, 1, 1, 1), dilations=(1, 1, 1, 2, 2, 4, 4))
+    plain.eval()
+    assert result['reference']['flops'] == count_macs(plain, (3, 96, 96))[0]
+
+
+def test_sar_resnext_is_compared_with_resnext():
+    result = get_flops.main([str(SAR_RESNEXT), '--rate', '0.5'])
+    assert result['reference']['model'] == 'mmdet ResNeXt-50 32x4d (with head)'
+    assert result['reference']['flops'] / 1e9 == pytest.approx(4.232, abs=1e-3)
+    assert result['assumed'][0]['flops_reduction_vs_reference'] == pytest.approx(0.396, abs=1e-3)
+    # Dilated (OS8): mmseg's ResNeXt, whose contract_dilation matches the SAR backbone's.
+    from sar_backbones.models import SARResNeXt
+    sar = SARResNeXt(depth=50, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4),
+                     contract_dilation=True, patch_grid=None, patch_size=(4, 4, 7))
+    model, name = get_flops.reference_model(sar)
+    assert name == 'mmseg ResNeXt-50 32x4d (backbone)' and model.contract_dilation

@@ -6,11 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sar_backbones.analysis.flops_stats import image_to_tensor, list_images, load_image, \
-    resize_image
+from sar_backbones.analysis.flops_stats import (image_to_tensor, list_images, load_image,
+                                                resize_image)
 from sar_backbones.analysis.mask_vis import collect_masks, overlay, stage_group_weights
-from sar_backbones.analysis.presets import build_preset_backbone
-
+from tools.analysis.model_builders import build_preset_backbone
 from .tool_helpers import FASTER_RCNN, load_tool
 
 visualize_masks = load_tool('visualize_masks')

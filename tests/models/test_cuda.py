@@ -8,8 +8,7 @@ import copy
 import pytest
 import torch
 
-from sar_backbones.analysis.presets import build_preset_backbone
-
+from tools.analysis.model_builders import build_preset_backbone
 from .helpers import randomize_norms, relative_error
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')

@@ -26,19 +26,17 @@ from mmengine.runner.checkpoint import CheckpointLoader, _load_checkpoint
 from mmengine.runner.checkpoint import load_state_dict as mmengine_load_state_dict
 
 import sar_backbones  # noqa: F401  (registries, safe checkpoint loading)
-from sar_backbones.analysis.presets import load_weights
 from sar_backbones.compat import apply_patches, mmengine_checkpoint_safe_globals
-from sar_backbones.datasets.generate import generate_imagenet
 from sar_backbones.models import SARResNet
 from sar_backbones.models.backbones.checkpoint import (EXTRA_STATE_KEY,
                                                        BackboneCheckpointMismatchError,
-                                                       CheckpointReadError,
-                                                       UnsafeCheckpointError,
+                                                       CheckpointReadError, UnsafeCheckpointError,
                                                        check_backbone_state_dict,
                                                        decode_architecture, describe_mismatch,
                                                        extract_state_dict, load_checkpoint_file)
 from sar_backbones.registry import MODELS
-
+from tools.analysis.model_builders import load_weights
+from tools.datasets.generate_shape_datasets import generate_imagenet
 from ..script_loading import REPO, load_script
 from .helpers import NARROW
 

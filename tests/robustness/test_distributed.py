@@ -25,8 +25,8 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from sar_backbones.datasets.generate import CLASSES, generate_coco, generate_voc
 from tests.robustness.dist_probe import parameter_hashes
+from tools.datasets.generate_shape_datasets import CLASSES, generate_coco, generate_voc
 
 REPO = Path(__file__).resolve().parents[2]
 DIST_TRAIN = REPO / 'tools' / 'dist_train.sh'

@@ -85,8 +85,8 @@ def test_non_finite_input_in_training_is_reported_not_trained_on(bad):
     model(x)
     # NaN logits propagate into the sampled masks instead of silently meaning "skip".
     assert not torch.isfinite(model.get_activation_rates()).all()
-    with pytest.raises(FloatingPointError, match='contains NaN or inf, so every region mask was '
-                                                  'sampled from NaN logits'):
+    with pytest.raises(FloatingPointError, match=('contains NaN or inf, so every region mask '
+                                                  'was sampled from NaN logits')):
         model.get_aux_losses()
     # A clean batch afterwards trains normally.
     model(torch.randn(2, 3, 32, 32))

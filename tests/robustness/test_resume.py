@@ -285,7 +285,7 @@ def _same_weights(a, b):
 
 @pytest.mark.parametrize('by_epoch', [False, True], ids=['iter_loop', 'epoch_loop'])
 def test_resume_with_augmentation_in_the_main_process_is_exact(tmp_path, by_epoch,
-                                                                restore_determinism):
+                                                               restore_determinism):
     """num_workers=0 with random flips (random), crops (NumPy) and brightness (PyTorch):
     SARNoiseSeedHook seeds all three before every batch is loaded."""
     full, resumed = _train_interrupted_and_resumed(tmp_path, by_epoch=by_epoch, augment=True)

@@ -1,7 +1,6 @@
 """Helpers of the tool tests: a config for tiny ImageNet-style data."""
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / 'configs'
 

@@ -21,9 +21,9 @@ TASKS = ('classification', 'detection', 'segmentation')
 METRIC_KEYS = dict(classification='accuracy/top1', detection='coco/bbox_mAP',
                    segmentation='mIoU')
 ROW_FIELDS = ('task', 'model', 'input_shape', 'metric_name', 'untrained', 'trained',
-              'act_rate', 'block_rates', 'target_rate', 'gmacs', 'gmacs_all_selected',
+              'act_rate', 'stage_rates', 'target_rate', 'gmacs', 'gmacs_all_selected',
               'gmacs_resnet', 'saving_vs_all_selected', 'saving_vs_resnet', 'params_m',
-              'params_resnet_m', 'checkpoint', 'resolved_config', 'mask_overlay')
+              'checkpoint', 'resolved_config', 'mask_overlay')
 
 
 @pytest.fixture(scope='module')
@@ -112,7 +112,7 @@ def test_results_table_is_complete(quick_run):
     for task, row in rows.items():
         assert all(field in row for field in ROW_FIELDS), task
         assert 0.0 <= row['act_rate'] <= 1.0
-        assert row['block_rates'] and all(0.0 <= r <= 1.0 for r in row['block_rates'])
+        assert len(row['stage_rates']) == 3 and all(0.0 <= r <= 1.0 for r in row['stage_rates'])
         assert row['target_rate'] == pytest.approx(0.5)
         assert 0.0 <= row['untrained'] <= 100.0 and 0.0 <= row['trained'] <= 100.0
         # Effective cost never exceeds the all-selected cost, and the plain

@@ -8,10 +8,8 @@ from mmengine.runner import Runner
 
 from sar_backbones.engine import swap_sync_bn
 from sar_backbones.models.backbones.checkpoint import EXTRA_STATE_KEY, decode_architecture
-from sar_backbones.models.integration import (BackboneCheckpointMismatchError,
-                                              load_checkpoint_file)
+from sar_backbones.models.integration import BackboneCheckpointMismatchError, load_checkpoint_file
 from sar_backbones.registry import MODELS
-
 from ..script_loading import load_script
 from .sar_tool_helpers import CONFIGS, write_tiny_cls_config
 

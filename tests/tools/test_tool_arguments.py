@@ -240,7 +240,7 @@ def test_demo_refuses_foreign_data_and_reruns_only_when_asked(demo, workspace, c
                                '--data-root', workspace, capsys)
     assert 'dataset_info.json' in line
     # A work dir holding only its own generated data is not an earlier run.
-    from sar_backbones.datasets.generate import generate_imagenet
+    from tools.datasets.generate_shape_datasets import generate_imagenet
     generate_imagenet(workspace / 'run' / 'data', num_train_per_class=1, num_val_per_class=1,
                       image_size=32)
     assert demo.parse_args(['--work-dir', 'run', '--quick']).work_dir == 'run'

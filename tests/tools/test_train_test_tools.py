@@ -8,7 +8,6 @@ import sys
 
 from .sar_tool_helpers import CONFIGS, REPO, write_tiny_cls_config
 
-
 SHIPPED = CONFIGS / 'sar_resnet' / 'sar-resnet50-g2s2a2b1-t0.5_8xb32_in1k.py'
 
 

@@ -16,6 +16,9 @@ Examples:
     # a tiny CI run
     python tools/analysis/benchmark_latency.py --depths 18 --sizes 64x64 \\
         --threads 1 --rates 0.5 1.0 --reps 2 --warmup 1 --out /tmp/lat.json
+    # the fused native refine op against the PyTorch fallback, eager and compiled
+    python tools/analysis/benchmark_latency.py --depths 50 --sizes 224x224 --threads 1 \\
+        --rates 0.5 --refine-kernel native torch --compile --freezing
     # with the masks of a trained classifier on real images
     python tools/analysis/benchmark_latency.py --depths 50 --sizes 224x224 \\
         --config configs/sar_resnet/sar-resnet50-g2s2a2b1-t0.5_8xb32_in1k.py \\
@@ -25,14 +28,19 @@ import argparse
 import os.path as osp
 import re
 import sys
+from pathlib import Path
 from typing import Tuple, Union
 
-from sar_backbones.analysis.benchmark import LatencyConfig, run_latency_benchmark, save_report
-from sar_backbones.analysis.latency import machine_info
 from sar_backbones.utils.cli import (MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, ArgumentParser,
                                      check_inputs_exist, check_report_paths, float_in, int_in,
                                      non_negative_int, positive_int, run_tool, size_in)
 
+# The tools' shared modules import from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.latency import (LatencyConfig, run_latency_benchmark, save_report,  # noqa: E402
+                                target_summary)
+from benchmarks.timing import machine_info  # noqa: E402
+from tools.analysis.model_builders import load_model  # noqa: E402
 
 DEPTHS = (18, 34, 50, 101)
 
@@ -70,6 +78,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--freezing', action='store_true',
                    help='torch._inductor.config.freezing for both compiled networks '
                         '(needs --compile)')
+    p.add_argument('--refine-kernel', nargs='+', default=['auto'],
+                   choices=['auto', 'native', 'torch'],
+                   help="implementations of the sparse refine op, timed side by side "
+                        "(SAR_REFINE_KERNEL): the first gives the 'sar{d}-sparse@r' rows "
+                        "(targets, checks), each other one extra 'sar{d}-sparse[kernel]@r' rows; "
+                        "e.g. --refine-kernel native torch")
     p.add_argument('--conv-backend', default='default', choices=['default', 'onednn'],
                    help="conv kernels on both sides: PyTorch's default dispatch, or oneDNN for "
                         'every conv (PyTorch sends batch-1 1x1 convs on one thread to THNN)')
@@ -116,6 +130,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error('argument --checkpoint: needs exactly one of --config and --preset')
     if args.freezing and not args.compile:
         p.error('argument --freezing: needs --compile')
+    if len(set(args.refine_kernel)) != len(args.refine_kernel):
+        p.error('argument --refine-kernel: each kernel at most once')
+    if 'native' in args.refine_kernel:
+        from sar_backbones.inference import native
+        if not native.load():
+            p.error('argument --refine-kernel: the native kernel is not built; run '
+                    f'`{native.BUILD_COMMAND}`')
     if args.per_stage_rates and not args.per_stage:
         p.error('argument --per-stage-rates: needs --per-stage')
     if args.out is None:
@@ -147,7 +168,6 @@ def _learned(args, sizes):
     """The trained backbone and the inputs its masks are measured on."""
     if args.checkpoint is None:
         return None, None
-    from sar_backbones.analysis.presets import load_model
     backbone = load_model(args.config, None if args.config else args.preset,
                           args.checkpoint).backbone
     inputs = None
@@ -161,8 +181,6 @@ def _learned(args, sizes):
 def render(path: str) -> dict:
     """Re-write ``<path>.md`` (and the targets) from a results JSON."""
     import json
-
-    from sar_backbones.analysis.benchmark import target_summary
     with open(path) as f:
         report = json.load(f)
     report['targets'] = target_summary(report)
@@ -192,9 +210,11 @@ def main(argv=None) -> dict:
     cfg = LatencyConfig(
         depths=args.depths, sizes=sizes, threads=args.threads, rates=args.rates,
         variant=args.variant, reps=args.reps, warmup=args.warmup,
-        reps_by_size=reps_by_size, depths_by_size=depths_by_size, modes=args.modes, bn_fold=args.bn_fold,
+        reps_by_size=reps_by_size, depths_by_size=depths_by_size, modes=args.modes,
+        bn_fold=args.bn_fold,
         channels_last=args.channels_last, conv_backend=args.conv_backend,
         compile=args.compile, freezing=args.freezing,
+        refine_kernels=tuple(args.refine_kernel),
         patch_mode=args.patch_mode, **patches, per_stage=args.per_stage,
         per_stage_reps=args.per_stage_reps, per_stage_rates=args.per_stage_rates,
         profile=args.profile, profile_rate=args.profile_rate, check=not args.no_check,

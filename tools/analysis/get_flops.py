@@ -1,4 +1,4 @@
-"""Parameters, dense FLOPs and effective FLOPs of a SAR-ResNet (the paper's convention).
+"""Parameters, dense FLOPs and effective FLOPs of a SAR backbone (the paper's convention).
 
 FLOPs are multiply-accumulates counted as the paper counts them (see
 ``sar_backbones/analysis/complexity.py``): refine convolutions cost
@@ -9,12 +9,20 @@ backbone preset. Give an assumed activation rate (``--rate``), or measure the
 rates the model picks on images (``--images`` folder or ``--dataloader``: the
 config's test dataloader); a measurement reports mean/std/per-stage rates and
 FLOPs and saves the per-image histograms of the paper's Fig. 5 as a PNG.
+Each SAR backbone is compared with the plain network it replaces, of the same
+widths, strides and dilations (:func:`reference_model`): SAR-ResNet with
+ResNet, SAR-ResNeXt with ResNeXt, SAR-MobileNetV2 with MobileNetV2.
 
 Examples:
-    python tools/analysis/get_flops.py --preset sar-resnet50-g2s2a2b1 --rate 0.5 --num-classes 1000
-    python tools/analysis/get_flops.py configs/faster_rcnn/faster-rcnn_sar-r50-g2s2a2b1-t0.5_fpn_1x_coco.py \\
+    python tools/analysis/get_flops.py --preset sar-resnet50-g2s2a2b1 --rate 0.5 \\
+        --num-classes 1000
+    python tools/analysis/get_flops.py \\
+        configs/faster_rcnn/faster-rcnn_sar-r50-g2s2a2b1-t0.5_fpn_1x_coco.py \\
         --shape 800 1216 --rate 0.3 0.5 1.0
-    python tools/analysis/get_flops.py configs/sar_resnet/sar-resnet50-g2s2a2b1-t0.5_8xb32_in1k.py \\
+    python tools/analysis/get_flops.py \\
+        configs/sar_mobilenet_v2/sar-mobilenet-v2-g2s2a2b1-t0.5_8xb32_in1k.py --rate 0.5
+    python tools/analysis/get_flops.py \\
+        configs/sar_resnet/sar-resnet50-g2s2a2b1-t0.5_8xb32_in1k.py \\
         --checkpoint epoch_110.pth --dataloader --num-images 1000 --out work_dirs/flops.json
     python tools/analysis/get_flops.py --preset sar-resnet50-g2s2a2b1 --checkpoint backbone.pth \\
         --images data/demo/imagenet/val --num-images 200 --hist work_dirs/fig5.png
@@ -23,21 +31,27 @@ import argparse
 import json
 import os
 import os.path as osp
+import sys
+from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn as nn
 from mmengine.config import DictAction
-import torchvision
 
 from sar_backbones.analysis import count_macs
 from sar_backbones.analysis.flops_stats import (assumed_rate_complexity, dataloader_inputs,
                                                 folder_inputs, measure_rates,
                                                 plot_rate_flops_histogram, rate_statistics)
-from sar_backbones.analysis.latency import TorchvisionBackbone
-from sar_backbones.analysis.presets import load_model
+from sar_backbones.engine.hooks import get_sar_backbone
+from sar_backbones.models import SARMobileNetV2, SARResNeXt
 from sar_backbones.utils.cli import (ArgumentParser, check_inputs_exist, check_no_overlap,
                                      check_output_file, count_between, float_in, image_side, int_in,
                                      positive_int, run_tool)
+
+# The tools' shared modules import from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tools.analysis.model_builders import load_model, reference_resnet  # noqa: E402
 
 DEFAULT_SHAPES = {'classifier': (224, 224), 'preset': (224, 224), 'detector': (800, 1333),
                   'segmentor': (512, 512), 'unknown': (224, 224)}
@@ -73,9 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='add a classifier head (GAP + FC) to the count; classifier configs '
                         "default to their head's num_classes")
     p.add_argument('--no-reference', action='store_true',
-                   help='skip the torchvision ResNet of the same depth as a reference')
+                   help='skip the plain counterpart (ResNet / ResNeXt / MobileNetV2 of the same '
+                        'widths, strides and dilations) as a reference')
     p.add_argument('--out', help='JSON output path')
-    p.add_argument('--hist', help='histogram PNG path (default: next to --out, or ./flops_hist.png)')
+    p.add_argument('--hist',
+                   help='histogram PNG path (default: next to --out, or ./flops_hist.png)')
     p.add_argument('--overwrite', action='store_true',
                    help='replace an existing --out / --hist file')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
@@ -113,34 +129,88 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def reference_model(backbone, num_classes: Optional[int]):
-    """The ResNet the SAR backbone replaces, with its name.
+class _WithClassifierHead(nn.Module):
+    """A backbone's last output, global average pooling and a linear head (mmpretrain's)."""
 
-    A standard backbone (7x7 stem, strides 4/8/16/32) is compared with torchvision's
-    ResNet; a deep-stem or dilated one (the mmseg OS8 setting) with mmseg's
-    ``ResNetV1c``/``ResNet`` built with the same strides and dilations.
+    def __init__(self, backbone: nn.Module, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(x)
+        out = out[-1] if isinstance(out, (tuple, list)) else out
+        return self.fc(self.pool(out).flatten(1))
+
+
+def _plain_resnext(sar, num_classes: Optional[int]) -> Tuple[nn.Module, str]:
+    """mmdet's ResNeXt with the SAR-ResNeXt's depth, cardinality, widths, strides, dilations."""
+    stem = sar.stem[-3].out_channels if sar.deep_stem else sar.conv1.out_channels
+    kwargs = dict(depth=sar.depth, groups=sar.cardinality, base_width=sar.base_width,
+                  in_channels=sar.in_channels, stem_channels=stem,
+                  base_channels=sar.stage_channels[0] // 4, deep_stem=sar.deep_stem,
+                  strides=tuple(sar.strides), dilations=tuple(sar.dilations))
+    if any(d > 1 for d in sar.dilations):
+        # mmseg's ResNeXt is the one with contract_dilation (the OS8 setting).
+        from mmseg.models.backbones import ResNeXt
+        model, library = ResNeXt(contract_dilation=True, **kwargs), 'mmseg'
+    else:
+        from mmdet.models.backbones import ResNeXt
+        model, library = ResNeXt(**kwargs), 'mmdet'
+    name = f'{library} ResNeXt-{sar.depth} {sar.cardinality}x{sar.base_width}d'
+    if num_classes:
+        return _WithClassifierHead(model, sar.stage_channels[3], num_classes).eval(), \
+            f'{name} (with head)'
+    model.eval()
+    return model, f'{name} (backbone)'
+
+
+def _plain_mobilenet_v2(sar, num_classes: Optional[int]) -> Tuple[nn.Module, str]:
+    """MobileNetV2 with the SAR-MobileNetV2's widen factor, strides and dilations.
+
+    mmpretrain's (with its last 1x1 conv ``conv2``) when the SAR backbone has
+    ``conv2`` and the standard strides, else mmseg's (strides, dilations, no ``conv2``).
     """
-    builders = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34,
-                50: torchvision.models.resnet50, 101: torchvision.models.resnet101}
-    standard = (not backbone.deep_stem and tuple(backbone.strides) == (1, 2, 2, 2)
-                and tuple(backbone.dilations) == (1, 1, 1, 1))
-    if standard:
-        if backbone.depth not in builders:
-            return None, None
-        if num_classes:
-            return (builders[backbone.depth](num_classes=num_classes).eval(),
-                    f'torchvision resnet{backbone.depth} (with head)')
-        return (TorchvisionBackbone(builders[backbone.depth]()).eval(),
-                f'torchvision resnet{backbone.depth} (backbone)')
-    from mmseg.models.backbones import ResNet, ResNetV1c
-    cls = ResNetV1c if backbone.deep_stem else ResNet
-    contract = any(d > 1 for d in backbone.dilations)
-    model = cls(depth=backbone.depth, strides=tuple(backbone.strides),
-                dilations=tuple(backbone.dilations), contract_dilation=contract)
-    model.eval()  # (mmseg's ResNet.train() does not return the module)
-    name = (f'mmseg {cls.__name__}-{backbone.depth} (strides {tuple(backbone.strides)}, '
-            f'dilations {tuple(backbone.dilations)}; backbone)')
-    return model, name
+    standard = tuple(sar.strides) == (1, 2, 2, 2, 1, 2, 1) and \
+        tuple(sar.dilations) == (1, ) * 7 and sar.in_channels == 3
+    last = sar.num_outputs - 1
+    if standard and hasattr(sar, 'conv2'):
+        from mmpretrain.models.backbones import MobileNetV2
+        model = MobileNetV2(widen_factor=sar.widen_factor, out_indices=(last, ))
+        name = f'mmpretrain MobileNetV2 {sar.widen_factor:g}x'
+    else:
+        from mmseg.models.backbones import MobileNetV2
+        model = MobileNetV2(widen_factor=sar.widen_factor, strides=tuple(sar.strides),
+                            dilations=tuple(sar.dilations), out_indices=(min(last, 6), ))
+        name = (f'mmseg MobileNetV2 {sar.widen_factor:g}x (strides {tuple(sar.strides)}, '
+                f'dilations {tuple(sar.dilations)})')
+    if num_classes:
+        return _WithClassifierHead(model, sar.stage_channels[last], num_classes).eval(), \
+            f'{name} (with head)'
+    model.eval()  # (mmseg's train() does not return the module)
+    return model, f'{name} (backbone)'
+
+
+def reference_model(model: nn.Module, num_classes: Optional[int] = None
+                    ) -> Tuple[Optional[nn.Module], str]:
+    """The plain network a SAR backbone replaces (random weights, eval mode), and its name.
+
+    Same widths, strides and dilations, so both are counted at the same
+    feature resolutions: SAR-ResNet -> ResNet (:func:`reference_resnet`),
+    SAR-ResNeXt -> mmdet's ResNeXt, SAR-MobileNetV2 -> mmpretrain's / mmseg's
+    MobileNetV2. With ``num_classes`` the classifier head (global pooling +
+    FC) is included.
+
+    Returns:
+        tuple: The model and its name, or ``(None, '')`` when there is none.
+    """
+    sar = get_sar_backbone(model)
+    if isinstance(sar, SARMobileNetV2):
+        return _plain_mobilenet_v2(sar, num_classes)
+    if isinstance(sar, SARResNeXt):
+        return _plain_resnext(sar, num_classes)
+    return reference_resnet(sar, num_classes)
 
 
 def reference_macs(backbone, shape, num_classes: Optional[int]) -> Tuple[Optional[float], str]:
@@ -216,7 +286,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         plot_rate_flops_histogram(
             stats, hist, title=f'{name}: {stats["num_images"]} images',
             reference_flops=stats.get('reference_flops'),
-            reference_label=f'ResNet-{backbone.depth}')
+            reference_label=ref_name.split(' (')[0] or 'plain network')
         stats['histogram'] = hist
         result['measured'] = stats
     return result
@@ -224,15 +294,15 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
 
 def format_result(result: Dict[str, object]) -> str:
     g = 1e9
+    head = f" + a {result['num_classes']}-class head" if result['num_classes'] else ''
     lines = [f"model: {result.get('config') or result.get('preset')} ({result['task']}), "
              f"input {tuple(result['input_shape'])}"
              + (f", with a {result['num_classes']}-class head" if result['num_classes'] else ''),
-             f"params: {result['params'] / 1e6:.2f} M (backbone"
-             f"{' + a ' + str(result['num_classes']) + '-class head' if result['num_classes'] else ''})"
+             f"params: {result['params'] / 1e6:.2f} M (backbone{head})"
              + (f", whole task model {result['params_model'] / 1e6:.2f} M"
                 if result['task'] != 'preset' else ''),
-             f"FLOPs (GMACs): dense {result['flops_dense'] / g:.3f}, static {result['flops_static'] / g:.3f},"
-             f" refine per stage at rate 1 "
+             f"FLOPs (GMACs): dense {result['flops_dense'] / g:.3f}, "
+             f"static {result['flops_static'] / g:.3f}, refine per stage at rate 1 "
              + ', '.join(f'{v / g:.3f}' for v in result['flops_refine_per_stage'])]
     ref = result.get('reference')
     if ref:
@@ -245,8 +315,9 @@ def format_result(result: Dict[str, object]) -> str:
         lines.append(f"rate {entry['rate']:.2f}: {entry['flops'] / g:.3f} GMACs{extra}")
     m = result.get('measured')
     if m:
-        lines.append(f"measured on {m['num_images']} images: rate {m['activation_rate']['mean']:.3f}"
-                     f" +- {m['activation_rate']['std']:.3f}; per stage "
+        lines.append(f"measured on {m['num_images']} images: rate "
+                     f"{m['activation_rate']['mean']:.3f} +- {m['activation_rate']['std']:.3f}; "
+                     "per stage "
                      + ', '.join(f"{s['mean']:.3f}+-{s['std']:.3f}" for s in m['stage_rates']))
         lines.append(f"  FLOPs {m['flops']['mean'] / g:.3f} +- {m['flops']['std'] / g:.3f} GMACs "
                      f"(min {m['flops']['min'] / g:.3f}, max {m['flops']['max'] / g:.3f})"

@@ -10,9 +10,11 @@ tint is the fraction of blocks refining the pixel), or per block with
 indexes the files and the per-block activation rates.
 
 Examples:
-    python tools/analysis/visualize_masks.py configs/sar_resnet/sar-resnet50-g2s2a2b1-t0.5_8xb32_in1k.py \\
-        --checkpoint epoch_110.pth --images data/demo/imagenet/val --num-images 8 --out-dir vis/cls
-    python tools/analysis/visualize_masks.py configs/faster_rcnn/faster-rcnn_sar-r50-g2s2a2b1-t0.5_fpn_1x_coco.py \\
+    python tools/analysis/visualize_masks.py \\
+        configs/sar_resnet/sar-resnet50-g2s2a2b1-t0.5_8xb32_in1k.py --checkpoint epoch_110.pth \\
+        --images data/demo/imagenet/val --num-images 8 --out-dir vis/cls
+    python tools/analysis/visualize_masks.py \\
+        configs/faster_rcnn/faster-rcnn_sar-r50-g2s2a2b1-t0.5_fpn_1x_coco.py \\
         --checkpoint epoch_12.pth --images data/demo/coco/val2017 --out-dir vis/det
     python tools/analysis/visualize_masks.py configs/deeplabv3/... --checkpoint iter_20000.pth \\
         --dataloader --num-images 4 --out-dir vis/seg
@@ -23,6 +25,8 @@ import argparse
 import json
 import os
 import os.path as osp
+import sys
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -32,10 +36,13 @@ from mmengine.config import DictAction
 from sar_backbones.analysis.flops_stats import (dataloader_inputs, image_to_tensor, list_images,
                                                 load_image, resize_image)
 from sar_backbones.analysis.mask_vis import collect_masks, save_overlays
-from sar_backbones.analysis.presets import load_model
 from sar_backbones.utils.cli import (ArgumentParser, check_inputs_exist, check_output_dir,
                                      count_between, float_in, image_side, non_negative_int,
                                      positive_int, run_tool)
+
+# The tools' shared modules import from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tools.analysis.model_builders import load_model  # noqa: E402
 
 # Input sizes of the shipped test pipelines: (size, keep_ratio, pad divisor).
 TASK_INPUT = {'classifier': ((224, 224), False, 1), 'preset': ((224, 224), False, 1),
@@ -152,10 +159,10 @@ def main(argv=None) -> Dict[str, object]:
         entry = save_overlays(picture, collected, args.out_dir, stem, level=args.level,
                               figure=not args.no_figure, title=title)
         entry['input_shape'] = list(x.shape[1:])
-        entry['stage_rates'] = [float(np.mean([r for r, s in zip(collected['rates'],
-                                                                   collected['stage_of_block'])
-                                                if s == stage]))
-                                for stage in sorted(set(collected['stage_of_block']))]
+        block_stages = collected['stage_of_block']
+        entry['stage_rates'] = [
+            float(np.mean([r for r, s in zip(collected['rates'], block_stages) if s == stage]))
+            for stage in sorted(set(block_stages))]
         index['images'][stem] = entry
         print(f"{stem}: rate {entry['activation_rate']:.3f} (per stage "
               + ', '.join(f'{r:.2f}' for r in entry['stage_rates'])

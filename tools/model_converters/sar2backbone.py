@@ -38,7 +38,7 @@ import tempfile
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 
@@ -48,8 +48,7 @@ from sar_backbones.models.backbones.checkpoint import (EXTRA_STATE_KEY,
                                                        CheckpointReadError,
                                                        check_backbone_state_dict,
                                                        decode_architecture, describe_backbone,
-                                                       extract_state_dict,
-                                                       load_checkpoint_file)
+                                                       extract_state_dict, load_checkpoint_file)
 from sar_backbones.utils.cli import ArgumentParser, check_output_file
 
 __all__ = ['convert', 'build_backbone_from_config', 'check_backbone_state_dict', 'main']
@@ -159,7 +158,7 @@ def _save_atomically(obj: Any, dst: str) -> None:
 def convert(src: str,
             dst: str,
             prefix: str = 'backbone.',
-            check_config: Optional[str] = None,
+            check_config: Union[str, Sequence[str], None] = None,
             overwrite: bool = False) -> Dict[str, torch.Tensor]:
     """Convert ``src`` and write the backbone-only checkpoint ``dst``.
 
@@ -169,8 +168,8 @@ def convert(src: str,
         prefix (str): Prefix of the backbone keys in ``src``. Defaults to
             ``'backbone.'``; ``''`` keeps every key (re-saving a backbone-only
             checkpoint).
-        check_config (str, optional): A config whose backbone must accept the
-            weights. Defaults to None.
+        check_config (str | Sequence[str], optional): Configs whose backbones
+            must accept the weights. Defaults to None.
         overwrite (bool): Replace an existing ``dst``. Defaults to False.
 
     Returns:
@@ -182,7 +181,7 @@ def convert(src: str,
         FileExistsError: If ``dst`` exists and ``overwrite`` is False.
         CheckpointReadError: If ``src`` cannot be read or holds no weights
             under ``prefix``.
-        BackboneCheckpointMismatchError: If ``check_config``'s backbone does
+        BackboneCheckpointMismatchError: If a ``check_config``'s backbone does
             not fit. Nothing is written in any of these cases.
     """
     if _same_file(src, dst):
@@ -201,10 +200,10 @@ def convert(src: str,
         record = _architecture_from_cfg(backbone_cfg, state_dict)
         if record is not None:
             state_dict[EXTRA_STATE_KEY] = record
-    if check_config is not None:
-        backbone = build_backbone_from_config(check_config)
+    for config in [check_config] if isinstance(check_config, str) else check_config or ():
+        backbone = build_backbone_from_config(config)
         check_backbone_state_dict(backbone, state_dict, source=src)
-        print(f'{check_config}: all {_num_weights(state_dict)} tensors fit '
+        print(f'{config}: all {_num_weights(state_dict)} tensors fit '
               f'{describe_backbone(backbone)}')
     meta = dict(source=osp.basename(src), prefix=prefix, converter='sar2backbone')
     source_meta = checkpoint.get('meta')
@@ -234,8 +233,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default='backbone.',
         help="prefix of the backbone keys in SRC (default 'backbone.'; '' keeps all keys)")
     parser.add_argument(
-        '--check-config',
-        help='a config whose backbone must load the weights (keys, shapes and architecture)')
+        '--check-config', nargs='+', metavar='CONFIG',
+        help='configs whose backbones must load the weights (keys, shapes and architecture)')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing DST')
     args = parser.parse_args(argv)
     check_output_file(parser, 'dst', args.dst, args.overwrite, [('src', args.src)])

@@ -58,6 +58,72 @@ def per_stage(value, name: str, num_stages: int = 3) -> Tuple[Optional[int], ...
                                 accepts=f'an int or {num_stages} ints (one per SAR stage)')
 
 
+def check_number(value: float, name: str, low: float, high: float, low_open: bool = False,
+                 high_open: bool = False) -> float:
+    """``value`` as a float if it is a finite real number within ``[low, high]``.
+
+    The one number check of the package (model options and the engine
+    hooks' arguments).
+
+    Args:
+        value (float): The argument to check.
+        name (str): Its name, for the error message.
+        low (float): Lower bound.
+        high (float): Upper bound.
+        low_open (bool): Exclude ``low``. Defaults to False.
+        high_open (bool): Exclude ``high``. Defaults to False.
+
+    Returns:
+        float: ``float(value)``.
+
+    Raises:
+        InvalidArgumentError: (a TypeError) if ``value`` is not a real number
+            (bools are refused); (a ValueError) if it is NaN, infinite or out
+            of range.
+    """
+    interval = (f"{'(' if low_open else '['}{low:g}, "
+                f"{high:g}{')' if high_open else ']'}")
+    if not _is_real(value):
+        raise InvalidArgumentError(f'{name} must be a number in {interval}, got '
+                                   f'{type(value).__name__} {value!r}')
+    value = float(value)
+    inside = ((low < value if low_open else low <= value)
+              and (value < high if high_open else value <= high))
+    if not (math.isfinite(value) and inside):
+        raise InvalidArgumentError(f'{name} must be a finite number in {interval}, '
+                                   f'got {value!r}')
+    return value
+
+
+def check_choice(value: str, name: str, choices: Sequence[str]) -> str:
+    """``value`` if it is one of the strings ``choices``, else an error naming ``name``."""
+    if not isinstance(value, str) or value not in choices:
+        raise InvalidArgumentError(f'{name} must be one of {tuple(choices)}, got {value!r}')
+    return value
+
+
+def check_flag(value: bool, name: str) -> bool:
+    """``value`` if it is a bool, else an error naming ``name``."""
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(f'{name} must be True or False, got '
+                                   f'{type(value).__name__} {value!r}')
+    return value
+
+
+def check_rate_options(*, deterministic_rate_weight, deterministic_rate_tau
+                       ) -> Tuple[float, float]:
+    """The options of the deterministic-rate loss (ours, issue 16), checked by name.
+
+    Returns:
+        tuple: ``lambda_det`` (a finite number >= 0) and its relaxation
+        temperature (in the accepted range of the Gumbel temperature tau).
+    """
+    weight = check_number(deterministic_rate_weight, 'deterministic_rate_weight (lambda_det)',
+                          0., math.inf, high_open=True)
+    tau = check_temperature(deterministic_rate_tau, 'deterministic_rate_tau')
+    return weight, tau
+
+
 def check_target_rate(target) -> float:
     """The target activation rate ``t`` as a float in (0, 1]."""
     if not _is_real(target) or not 0 < target <= 1:
@@ -125,8 +191,7 @@ def check_resnet_options(*, block, num_stages, style, avg_down, expansion, with_
             "1x1 conv to load Caffe-converted ResNet weights, which do not fit SAR's branches; "
             'SAR ImageNet weights come from SAR pretraining (configs/sar_resnet)')
     for name, value in (('avg_down', avg_down), ('with_cp', with_cp)):
-        if not isinstance(value, bool):
-            raise InvalidArgumentError(f'{name} must be True or False, got {value!r}')
+        check_flag(value, name)
     if expansion is not None and expansion != block.expansion:
         raise InvalidArgumentError(
             f'expansion must be None or {block.expansion} ({block.__name__}), got {expansion!r}')

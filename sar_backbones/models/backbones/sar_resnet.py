@@ -15,10 +15,10 @@ from torch.utils.checkpoint import checkpoint
 
 from sar_backbones.registry import MODELS
 from ..layers import BasicBlock, Bottleneck, RegionSelector, ResidualBlock
-from ..layers.gumbel import check_temperature
-from .arguments import (InvalidArgumentError, check_arguments, check_conv_cfg, check_norm_cfg,
-                        block_options_per_stage, check_resnet_options, check_target_rate,
-                        drop_path_rates, per_stage)
+from ..layers.gumbel import check_temperature, deterministic_straight_through
+from .arguments import (InvalidArgumentError, block_options_per_stage, check_arguments,
+                        check_conv_cfg, check_norm_cfg, check_rate_options, check_resnet_options,
+                        check_target_rate, drop_path_rates, per_stage)
 from .checkpoint import ArchitectureCheckedLoading, load_pretrained
 from .mask_override import random_patch_masks
 from .sar_stage import SARStage
@@ -42,9 +42,13 @@ class ForwardRecord(NamedTuple):
         input_finite: Whether a training input was finite (a 0-dim bool
             tensor, checked lazily by :meth:`SARResNet.get_aux_losses` to
             avoid a device synchronisation); None in evaluation.
+        margins: Noise-free logit margins ``keep - skip`` ``(B, G, Kh, Kw)``
+            of every masked block in training (float32, with their graph),
+            for the deterministic-rate loss; empty in evaluation.
     """
     masks: Tuple[Tensor, ...]
     input_finite: Optional[Tensor] = None
+    margins: Tuple[Tensor, ...] = ()
 
 
 @MODELS.register_module()
@@ -64,6 +68,20 @@ class SARResNet(ArchitectureCheckedLoading, BaseModule):
     default, a sparse path that convolves only the selected patches and
     computes exactly what the dense masked path computes (it runs when
     gradients are disabled, as in every OpenMMLab val/test loop).
+
+    The paper's recipe and ours (issue 16, docs/demo_results.md): the paper
+    trains the selectors with the Gumbel-sampled masks only (Eq. 8-10, tau
+    annealed 1 -> 0.01, t stepped 1 -> t) and binarises ``keep > skip`` at
+    inference; that is the default here. A trained model's inference rate
+    can then miss ``t`` per block: the sampled rate is ``mean sigmoid(keep -
+    skip)`` in expectation, which tied logits satisfy while their hard
+    decisions go all one way, and the selectors see batch statistics and
+    augmented inputs in training but running statistics at test time.
+    Options that are ours, off by default: ``deterministic_rate_weight``
+    (a rate loss on the noise-free decisions), the Gumbel noise fade
+    (:class:`~sar_backbones.engine.SARGumbelNoiseHook`) and the end-of-training
+    per-block threshold calibration
+    (:class:`~sar_backbones.engine.SARRateCalibrationHook`).
 
     Args:
         depth (int): 18, 34 (BasicBlock) or 50, 101 (Bottleneck).
@@ -89,7 +107,22 @@ class SARResNet(ArchitectureCheckedLoading, BaseModule):
             inputs); e.g. (4, 4, 7). Give at most one of the two.
         target_rate (float): ``t``, target activation rate in (0, 1]. Defaults to 0.5.
         rate_loss (str): ``'batch'`` (paper Eq. 10) or ``'sample'`` (Eq. 11).
+            Both are per block: each masked block's rate is held to ``t``
+            (Eq. 10 squares each block's batch-mean rate before averaging
+            over blocks, so one block at 0.02 and another at 0.98 do not
+            satisfy it).
         rate_loss_weight (float): ``lambda`` of ``L = L_task + lambda * L_refine``.
+        deterministic_rate_weight (float): ``lambda_det`` >= 0 of an extra
+            term ``lambda_det * L_refine_det`` (not in the paper; ours, issue
+            16): ``L_refine_det`` is Eq. 10 / 11 on the rates of the
+            noise-free decisions ``1[keep > skip]`` that inference takes, with
+            the gradient of ``sigmoid((keep - skip) / deterministic_rate_tau)``.
+            The paper's loss sees only the Gumbel-sampled masks, whose rate
+            is ``mean sigmoid(keep - skip)`` in expectation: logits nearly tied
+            meet ``t`` in training and still refine all or nothing at
+            inference. Defaults to 0 (the paper's loss alone).
+        deterministic_rate_tau (float): Fixed temperature of that term's
+            relaxed gradient, in [1e-4, 1e4]. Defaults to 1.
         temperature (float): Initial Gumbel-softmax temperature ``tau``, in
             [1e-4, 1e4] (the paper anneals it from 1 to 0.01).
         strides (Sequence[int]): Stride of each stage (ResNet semantics). Defaults to (1, 2, 2, 2).
@@ -153,6 +186,9 @@ class SARResNet(ArchitectureCheckedLoading, BaseModule):
         101: (Bottleneck, (3, 4, 23, 3)),
     }
     num_sar_stages = 3
+    # The paper's loss alone unless set (subclasses that build themselves keep it).
+    deterministic_rate_weight = 0.0
+    deterministic_rate_tau = 1.0
 
     def __init__(self,
                  depth: int,
@@ -169,6 +205,8 @@ class SARResNet(ArchitectureCheckedLoading, BaseModule):
                  rate_loss: str = 'batch',
                  rate_loss_weight: float = 1.0,
                  temperature: float = 1.0,
+                 deterministic_rate_weight: float = 0.0,
+                 deterministic_rate_tau: float = 1.0,
                  strides: Sequence[int] = (1, 2, 2, 2),
                  dilations: Sequence[int] = (1, 1, 1, 1),
                  out_indices: Sequence[int] = (0, 1, 2, 3),
@@ -251,6 +289,9 @@ class SARResNet(ArchitectureCheckedLoading, BaseModule):
         self.patch_size = patch_sizes if patch_size is not None else None
         self.rate_loss = rate_loss
         self.rate_loss_weight = rate_loss_weight
+        self.deterministic_rate_weight, self.deterministic_rate_tau = check_rate_options(
+            deterministic_rate_weight=deterministic_rate_weight,
+            deterministic_rate_tau=deterministic_rate_tau)
         self._target_rate = float(target_rate)
         self._temperature = float(temperature)
         self.strides = tuple(strides)
@@ -481,8 +522,24 @@ class SARResNet(ArchitectureCheckedLoading, BaseModule):
             x = checkpoint(block, x, use_reentrant=False) if checkpointing else block(x)
         if 3 in self.out_indices:
             outs.append(x)
-        self._record = ForwardRecord(tuple(masks), input_finite)
+        self._record = ForwardRecord(tuple(masks), input_finite, self._take_margins(len(masks)))
         return tuple(outs)
+
+    def _take_margins(self, num_masks: int) -> Tuple[Tensor, ...]:
+        """The noise-free margins of this training forward, taken from the selectors.
+
+        Each selector keeps the margin of its last training forward; they
+        are moved into the record (and cleared there) so that only the
+        record holds graph tensors between forwards.
+        """
+        margins = []
+        for module in self.modules():
+            if isinstance(module, RegionSelector):
+                if module.last_margin is not None:
+                    margins.append(module.last_margin)
+                module.last_margin = None
+        # Evaluation (no margins) or a selector that did not run: no record.
+        return tuple(margins) if self.training and len(margins) == num_masks else ()
 
     # --------------------------------------------------- masks and rates
     @property
@@ -512,6 +569,10 @@ class SARResNet(ArchitectureCheckedLoading, BaseModule):
     def rate_loss_value(self, rates: Tensor) -> Tensor:
         """``L_refine`` of Eq. 10 (batch target) or Eq. 11 (per-sample target), unweighted.
 
+        ``rates`` is ``(B, N)``: ``r_{b,n}`` per sample ``b`` and masked block
+        ``n``. Eq. 10: ``1/N sum_n (1/B sum_b r_{b,n} - t)^2``, each block
+        held to ``t`` on its own. Eq. 11: ``1/N sum_n 1/B sum_b (r_{b,n} - t)^2``.
+
         Under DDP each rank forms the loss from its own batch: the gradient of
         Eq. 10 through an all-reduced mean would need a differentiable
         all-reduce, while DDP already averages the per-rank gradients.
@@ -520,22 +581,54 @@ class SARResNet(ArchitectureCheckedLoading, BaseModule):
             return (rates.mean(dim=0) - self._target_rate).pow(2).mean()
         return (rates - self._target_rate).pow(2).mean()
 
+    def get_deterministic_rates(self) -> Tensor:
+        """Rates ``(B, N)`` of the noise-free decisions of the last training forward.
+
+        Forward: the share of patches with ``keep > skip`` (what inference
+        would select with this forward's normalisation statistics); backward:
+        the gradient of ``sigmoid((keep - skip) / deterministic_rate_tau)``
+        (:func:`deterministic_straight_through`). Ours, not the paper's.
+        """
+        margins = self._record.margins
+        if not margins:
+            raise RuntimeError('get_deterministic_rates() needs a training forward first')
+        tau = self.deterministic_rate_tau
+        return torch.stack([deterministic_straight_through(m, tau).flatten(1).mean(1)
+                            for m in margins], dim=1)
+
     def get_aux_losses(self) -> Dict[str, Tensor]:
         """Activation-rate loss (training) and logged rates of the last forward.
 
         Returns ``loss_act_rate = lambda * L_refine`` in training only (keys
         containing ``loss`` are optimised by mmengine) and the detached mean
-        rates ``act_rate`` and ``act_rate_stage{1,2,3}``.
+        rates ``act_rate`` and ``act_rate_stage{1,2,3}``. In training also
+        ``act_rate_det`` / ``act_rate_det_stage{i}``, the rates of the
+        noise-free decisions (what inference would select), and, with
+        ``deterministic_rate_weight > 0``, ``loss_act_rate_det = lambda_det *
+        L_refine_det`` (ours, see the class docstring).
         """
         rates = self.get_activation_rates()
+        slices = self.stage_block_slices()
         logs = {'act_rate': rates.mean().detach()}
-        for index, cols in enumerate(self.stage_block_slices(), start=1):
+        for index, cols in enumerate(slices, start=1):
             logs[f'act_rate_stage{index}'] = rates[:, cols].mean().detach()
+        margins = self._record.margins if self.training else ()
+        if margins:
+            det_rates = self.get_deterministic_rates()
+            logs['act_rate_det'] = det_rates.mean().detach()
+            for index, cols in enumerate(slices, start=1):
+                logs[f'act_rate_det_stage{index}'] = det_rates[:, cols].mean().detach()
+            if self.deterministic_rate_weight > 0:
+                logs['loss_act_rate_det'] = \
+                    self.deterministic_rate_weight * self.rate_loss_value(det_rates)
         if self.training:
             loss = self.rate_loss_weight * self.rate_loss_value(rates)
+            # One finiteness check for both terms (NaN margins make both NaN).
+            loss_check = loss + logs['loss_act_rate_det'].detach() \
+                if 'loss_act_rate_det' in logs else loss
             input_finite = self._record.input_finite
-            ok = torch.isfinite(loss) if input_finite is None else \
-                torch.isfinite(loss) & input_finite
+            ok = torch.isfinite(loss_check) if input_finite is None else \
+                torch.isfinite(loss_check) & input_finite
             if not ok:
                 if input_finite is not None and not input_finite:
                     raise FloatingPointError(

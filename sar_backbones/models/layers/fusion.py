@@ -6,7 +6,9 @@ from .masking import fuse_upsampled
 
 
 class FusionGate(nn.Module):
-    """Channel weights ``a = Sigmoid(FC(ReLU(FC(GAP(x_base)))))`` for ``y = a*up(x_base) + (1-a)*x_refine``.
+    """Channel weights ``a = Sigmoid(FC(ReLU(FC(GAP(x_base)))))`` of the fusion.
+
+    The fusion computes ``y = a*up(x_base) + (1-a)*x_refine``.
 
     Args:
         channels (int): Channels ``C`` of both branches after alignment.

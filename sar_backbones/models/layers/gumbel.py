@@ -91,3 +91,26 @@ class _BinarizeStraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         return grad, None
+
+
+def deterministic_straight_through(margin: Tensor, tau: float = 1.0) -> Tensor:
+    """The noise-free (inference) decision ``1[margin > 0]`` with a relaxed gradient.
+
+    Not in the paper (ours, issue 16): the decision that inference takes
+    (Sec. III-A.2, "directly binarized"), made differentiable like Eq. 9
+    but without the Gumbel noise: forward ``1[margin > 0]``, backward the
+    gradient of ``sigmoid(margin / tau)``. A rate loss on it sees the masks
+    of the deployed model; ``tau`` is fixed (not annealed) so that margins
+    far from 0 still receive a gradient at the end of training.
+
+    Args:
+        margin (Tensor): ``keep - skip`` logits.
+        tau (float): Temperature of the relaxation, in
+            ``[MIN_TEMPERATURE, MAX_TEMPERATURE]``.
+
+    Returns:
+        Tensor: float32 0/1 decisions (NaN where the margin is NaN).
+    """
+    check_temperature(tau, 'deterministic_rate_tau')
+    margin = margin.float()
+    return _BinarizeStraightThrough.apply(torch.sigmoid(margin / tau), margin)

@@ -58,6 +58,10 @@ class RegionSelector(nn.Module):
         self.fc = nn.Conv2d(hidden, 2 * groups, 1, groups=groups, bias=True)
         # Scale of the Gumbel noise in training (1: the paper's sampling).
         self.noise_scale = 1.0
+        # Noise-free margin keep - skip of the last training forward (float32,
+        # with its graph), for the backbone's deterministic-rate loss; the
+        # backbone takes it into its record and clears it here.
+        self.last_margin = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -85,6 +89,7 @@ class RegionSelector(nn.Module):
         logits = self.logits(x, grid)
         skip, keep = logits.unbind(dim=2)
         if self.training:
+            self.last_margin = keep.float() - skip.float()
             return straight_through_gumbel(keep, skip, tau, noise_scale=self.noise_scale)
         check_finite_logits(logits, lambda: 'a region selector')
         return (keep > skip).to(x.dtype)

@@ -101,6 +101,14 @@ class ResNeXtBlockType:
         self.base_width = base_width
         self.base_channels = base_channels
 
+    def mid_width(self, out_channels: int) -> int:
+        """Middle (grouped 3x3) width of a block of output width ``C`` (:func:`resnext_width`).
+
+        For checks of what ``norm_cfg`` normalises: a plain bottleneck's
+        middle is ``C/4``, a ResNeXt one's follows the cardinality.
+        """
+        return resnext_width(out_channels, self.cardinality, self.base_width, self.base_channels)
+
     def __call__(self, *args: Any, **kwargs: Any) -> nn.Module:
         return ResNeXtBottleneck(*args, cardinality=self.cardinality, base_width=self.base_width,
                                  base_channels=self.base_channels, **kwargs)

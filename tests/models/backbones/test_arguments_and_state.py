@@ -1,14 +1,14 @@
-"""Constructor options are checked by name; modes, overrides and records are values the backbone owns."""
+"""Options are checked by name; modes, overrides and records are values the backbone owns."""
 import math
 import warnings
 
 import pytest
 import torch
 
+from benchmarks.parts import part_macs, sar_parts
 from sar_backbones.analysis import collect_masks, model_complexity
 from sar_backbones.analysis.complexity import dense_cost
 from sar_backbones.analysis.flops_stats import measure_rates
-from sar_backbones.analysis.latency import part_macs, sar_parts
 from sar_backbones.models import SARResNet
 from sar_backbones.models.backbones.arguments import InvalidArgumentError
 from sar_backbones.models.backbones.mask_override import random_patch_masks
@@ -89,7 +89,8 @@ def test_depth_outside_the_table_is_a_key_error_naming_it(depth):
 
 def test_weight_standardised_convs_are_refused_for_sparse_inference_only():
     ws = dict(type='ConvWS')
-    with pytest.raises(InvalidArgumentError, match=r"conv_cfg type 'ConvWS'.*inference_mode='dense'"):
+    with pytest.raises(InvalidArgumentError,
+                       match=r"conv_cfg type 'ConvWS'.*inference_mode='dense'"):
         narrow(conv_cfg=ws)
     model = narrow(conv_cfg=ws, inference_mode='dense').eval()
     with torch.no_grad():

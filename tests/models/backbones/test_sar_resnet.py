@@ -35,7 +35,8 @@ def test_sparse_equals_dense_whole_backbone(depth, groups, rate):
     dense, sparse = _both_paths(model, torch.randn(2, 3, 128, 128))
     for mask in model.get_masks():  # exactly round(rate * Kh * Kw) patches per image and group
         patches = mask.shape[-2] * mask.shape[-1]
-        assert torch.equal(mask.flatten(2).sum(-1), torch.full(mask.shape[:2], round(rate * patches)))
+        expected = torch.full(mask.shape[:2], round(rate * patches))
+        assert torch.equal(mask.flatten(2).sum(-1), expected)
     for d, s in zip(dense, sparse):
         assert relative_error(s, d) < 1e-4
 
@@ -108,7 +109,8 @@ def test_gradients_reach_mask_generators_through_straight_through_estimator():
         for selector in stage.selectors:
             for name in ('conv.weight', 'fc.weight', 'fc.bias'):
                 grad = selector.get_parameter(name).grad
-                assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+                assert grad is not None, name
+                assert torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
 
 def test_training_masks_are_sampled_and_binary():
@@ -181,7 +183,8 @@ def test_deep_stem_frozen():
     assert not model.stem.training
 
 
-@pytest.mark.parametrize('scope,registry', [('mmdet', 'mmdet.registry'), ('mmseg', 'mmseg.registry')])
+@pytest.mark.parametrize('scope,registry',
+                         [('mmdet', 'mmdet.registry'), ('mmseg', 'mmseg.registry')])
 def test_builds_from_task_registries(scope, registry):
     import importlib
     models = importlib.import_module(registry).MODELS
@@ -195,13 +198,12 @@ def test_pretrained_init_loads_weights_and_rejects_mismatch(tmp_path):
     source = randomize_norms(SARResNet(depth=18, groups=2), seed=5)
     path = tmp_path / 'classifier.pth'
     torch.save({'state_dict': {f'backbone.{k}': v for k, v in source.state_dict().items()}}, path)
-    target = SARResNet(depth=18, groups=2, init_cfg=dict(type='Pretrained', checkpoint=str(path),
-                                                          prefix='backbone.'))
+    init_cfg = dict(type='Pretrained', checkpoint=str(path), prefix='backbone.')
+    target = SARResNet(depth=18, groups=2, init_cfg=init_cfg)
     target.init_weights()
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value), key
-    wrong = SARResNet(depth=18, groups=4, init_cfg=dict(type='Pretrained', checkpoint=str(path),
-                                                         prefix='backbone.'))
+    wrong = SARResNet(depth=18, groups=4, init_cfg=init_cfg)
     with pytest.raises(ValueError, match='shape mismatch.*selectors'):
         wrong.init_weights()
 

@@ -11,7 +11,8 @@ from sar_backbones.analysis.complexity import count_macs, model_complexity
 from sar_backbones.inference.deploy import deploy_backbone
 from sar_backbones.models import SARResNet, SARResNeXt
 from sar_backbones.models.backbones.arguments import InvalidArgumentError
-from sar_backbones.models.layers.resnext_block import ResNeXtBottleneck, resnext_width
+from sar_backbones.models.layers.resnext_block import (ResNeXtBlockType, ResNeXtBottleneck,
+                                                       resnext_width)
 from tests.models.helpers import randomize_norms, relative_error
 
 # A narrow SAR-ResNeXt-50 (stage widths 64/128/256/512): cardinality 8, so
@@ -203,6 +204,29 @@ def test_resnet_block_options_reach_the_resnext_blocks():
     outs = model.train()(torch.randn(2, 3, 64, 64))
     outs[-1].mean().backward()
     assert conv2.weight.grad is not None
+    assert model.layer4[0].drop_path is not None and model.layer1.entry is None
+
+
+def test_plugins_reach_the_plain_resnext_blocks_only():
+    plugin = dict(cfg=dict(type='ContextBlock', ratio=1. / 4), position='after_conv3',
+                  stages=(False, True, True, True))
+    model = SARResNeXt(**TINY, plugins=[plugin])
+    with_plugin = [b for s in model.sar_stages[1:] for b in (s.entry, *s.base_blocks)]
+    with_plugin += list(model.layer4)
+    assert all(b.plugin_names[2] == ('context_block', ) for b in with_plugin if b is not None)
+    assert all(not b.with_plugins for s in model.sar_stages for b in s.refine_blocks)
+    assert not any(b.with_plugins for b in model.layer1.base_blocks)
+    # The plugin sees the ResNeXt block's output width.
+    assert model.layer4[0].context_block.in_channels == 512
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64))[-1].shape == (1, 512, 2, 2)
+
+
+def test_mid_width_is_the_resnext_rule():
+    block = ResNeXtBlockType(32, 4)
+    assert block.mid_width(256) == 128 and block.mid_width(2048) == 1024
+    assert ResNeXtBlockType(8, 2, base_channels=16).mid_width(64) == 16
 
 
 # ------------------------------------------------------------------ contract

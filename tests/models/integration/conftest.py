@@ -3,8 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from sar_backbones.datasets.generate import generate_coco, generate_imagenet, generate_voc
-
+from tools.datasets.generate_shape_datasets import generate_coco, generate_imagenet, generate_voc
 from .sar_task_configs import use_coco_categories
 
 

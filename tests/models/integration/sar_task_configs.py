@@ -2,7 +2,7 @@
 
 Every test here starts from a config under ``configs/`` exactly as shipped and
 changes only what a CPU test must: SyncBN -> BN, the data roots (small data
-sets made by ``sar_backbones.datasets.generate``), image scales, loop lengths
+sets made by ``tools/datasets/generate_shape_datasets.py``), image scales, loop lengths
 and the pretrained-weights path (no ImageNet run exists here).
 """
 import copy

@@ -9,7 +9,6 @@ from mmengine.runner import Runner
 
 from sar_backbones.models import SARResNeXt
 from sar_backbones.registry import MODELS
-
 from .sar_task_configs import CONFIGS, tiny_cls_config, tiny_det_config
 
 CLASSIFIERS = sorted((CONFIGS / 'sar_resnext').glob('*.py'))

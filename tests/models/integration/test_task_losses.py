@@ -6,7 +6,6 @@ from mmengine.runner import Runner
 
 from sar_backbones.models.layers import RegionSelector
 from sar_backbones.registry import MODELS
-
 from .sar_task_configs import (CLASSIFIER, DEEPLABV3, FASTER_RCNN, PSPNET, RETINANET,
                                tiny_cls_config, tiny_det_config, tiny_seg_config)
 

@@ -4,9 +4,9 @@ import itertools
 import pytest
 import torch
 
+from sar_backbones.inference.memory_format import copy_to_rows_, memory_format_of, rows_to_nchw
 from sar_backbones.models.layers import FusionGate
 from sar_backbones.models.layers.masking import fuse_upsampled, nearest_source_index
-from sar_backbones.inference.memory_format import copy_to_rows_, memory_format_of, rows_to_nchw
 
 NCHW, NHWC = torch.contiguous_format, torch.channels_last
 

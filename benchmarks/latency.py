@@ -1,6 +1,6 @@
 """Batch-1 latency of torchvision ResNets against SAR-ResNet (dense-masked and sparse).
 
-The logic behind ``tools/analysis/benchmark_latency.py``. For every thread
+The benchmark behind ``tools/analysis/benchmark_latency.py``. For every thread
 count, input size and depth, one round-robin timing run holds all cases on the
 same input:
 
@@ -17,7 +17,7 @@ BN on both sides and compares SAR with ``resnet{d}+fold``; ``'neither'``
 folds nothing outside the sparse refine path (which always runs on folded
 weights, part of the method) and compares with ``resnet{d}``. The other
 ResNet is timed too, for reference. FLOPs follow the paper's convention
-(:func:`~.complexity.model_complexity`, :func:`~.complexity.count_macs`).
+(:func:`sar_backbones.analysis.model_complexity`, :func:`~sar_backbones.analysis.count_macs`).
 """
 import contextlib
 import copy
@@ -34,13 +34,17 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..models.backbones import SARResNet
-from .complexity import count_macs, model_complexity
-from .latency import (PartTimer, build_resnet_backbone, conv_backend, fold_batchnorm, group_parts,
-                      part_macs, interleaved_timing, machine_info, max_relative_error, profile_ops,
-                      resnet_parts, sar_parts, set_threads, summarize)
-from .presets import DEFAULT_PATCH_GRID, DEFAULT_PATCH_SIZE, build_preset_backbone, preset_name
+from benchmarks.parts import PartTimer, group_parts, part_macs, resnet_parts, sar_parts
+from benchmarks.timing import (conv_backend, interleaved_timing, machine_info, max_relative_error,
+                               profile_ops, set_threads, summarize)
+from sar_backbones.analysis import count_macs, model_complexity
+from sar_backbones.inference import native
+from sar_backbones.models.backbones import SARResNet
+from sar_backbones.models.layers.blocks import fold_conv_norm
+from tools.analysis.model_builders import (DEFAULT_PATCH_GRID, DEFAULT_PATCH_SIZE,
+                                           build_preset_backbone, preset_name, torchvision_resnet)
 
 
 @dataclass
@@ -77,6 +81,9 @@ class LatencyConfig:
     # deployed SAR model (switch_to_deploy), as extra '+compiled' cases.
     compile: bool = False
     freezing: bool = False  # torch._inductor.config.freezing for both compiled sides
+    # Implementations of the sparse refine op (SAR_REFINE_KERNEL): the first gives the
+    # 'sar{d}-sparse@r' rows (targets, checks); the others extra 'sar{d}-sparse[kernel]@r' rows.
+    refine_kernels: Sequence[str] = ('auto',)
 
 
 def _size_key(size: Tuple[int, int]) -> str:
@@ -103,6 +110,59 @@ def _set_patches(backbone: SARResNet, patch_grid, patch_size) -> None:
     backbone.patch_size = None if patch_size is None else tuple(patch_size)
 
 
+def _refine_blocks_with_masked_last_conv(model: nn.Module) -> List[nn.Module]:
+    """Refine blocks whose dense path masks the output of a 3x3 last conv (BasicBlock).
+
+    Folding BN into such a conv would move the BN shift inside the mask and
+    change the dense masked function; they keep their BN (the sparse path
+    folds it itself).
+    """
+    keep = []
+    for module in model.modules():
+        if isinstance(module, SARResNet):
+            for stage in module.sar_stages:
+                for block in stage.refine_blocks:
+                    if block.specs[-1].kernel_size > 1:
+                        keep.append(block)
+    return keep
+
+
+def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Fold every ``Conv2d`` followed by a ``BatchNorm`` sibling into the conv (eval only).
+
+    Works on torchvision ResNets and on :class:`SARResNet` alike (the
+    ``conv{i}``/``bn{i}`` and shortcut ``Sequential(conv, bn)`` layouts); the
+    BN is replaced by ``nn.Identity``. Refine blocks whose dense masked path
+    masks after a 3x3 last conv (BasicBlock) are left alone, see
+    :func:`_refine_blocks_with_masked_last_conv`. Same rule as
+    ``mmcv.cnn.fuse_conv_bn``: a BN is folded into the conv registered just before it.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    skip = {id(m) for m in _refine_blocks_with_masked_last_conv(model)}
+
+    def visit(module: nn.Module) -> None:
+        last_conv: Optional[nn.Conv2d] = None
+        for name, child in list(module.named_children()):
+            if id(child) in skip:
+                last_conv = None
+                continue
+            if isinstance(child, _BatchNorm) and last_conv is not None:
+                with torch.no_grad():
+                    weight, bias = fold_conv_norm(last_conv, child)
+                    last_conv.weight.copy_(weight)
+                    last_conv.bias = nn.Parameter(bias)
+                setattr(module, name, nn.Identity())
+                last_conv = None
+            elif isinstance(child, nn.Conv2d):
+                last_conv = child
+            else:
+                visit(child)
+    visit(model)
+    return model
+
+
 def _prepare(model: nn.Module, fold: bool, channels_last: bool) -> nn.Module:
     model = copy.deepcopy(model).eval()
     if fold:
@@ -113,12 +173,27 @@ def _prepare(model: nn.Module, fold: bool, channels_last: bool) -> nn.Module:
 
 
 def _sar_call(model: SARResNet, x: Tensor, mode: str, rate: Optional[float],
-              seed: int) -> Callable[[], object]:
+              seed: int, kernel: Optional[str] = None) -> Callable[[], object]:
+    """One forward in ``mode`` at ``rate``; ``kernel``: the refine op implementation to use."""
     def call():
+        if kernel is not None:
+            native.set_refine_kernel(kernel)
         model.set_inference_mode(mode)
         model.set_mask_override(rate, seed=seed)
         return model(x)
     return call
+
+
+def _mode_kernels(cfg: LatencyConfig) -> List[Tuple[str, Optional[str], str]]:
+    """``(mode, refine kernel, case tag)`` of the SAR cases: one sparse case per kernel."""
+    out = []
+    for mode in cfg.modes:
+        if mode != 'sparse':
+            out.append((mode, cfg.refine_kernels[0], mode))
+            continue
+        for index, kernel in enumerate(cfg.refine_kernels):
+            out.append((mode, kernel, 'sparse' if index == 0 else f'sparse[{kernel}]'))
+    return out
 
 
 def _compiled_models(cfg: LatencyConfig, resnets: Dict[int, Dict[str, nn.Module]],
@@ -129,6 +204,7 @@ def _compiled_models(cfg: LatencyConfig, resnets: Dict[int, Dict[str, nn.Module]
     the deploy time goes to ``meta['deploy_s']``.
     """
     import torch._dynamo
+
     from sar_backbones.inference.deploy import deploy_backbone
 
     # One graph per (mode, rate, size) of the same SAR forward: allow them all.
@@ -167,8 +243,24 @@ def run_latency_benchmark(cfg: LatencyConfig,
     """Run the benchmark; returns a JSON-serialisable dict (``meta``, ``results``, ...)."""
     if cfg.freezing and not cfg.compile:
         raise ValueError('freezing needs compile=True')
-    with conv_backend(cfg.conv_backend), _inductor_freezing(cfg.freezing):
-        return _run_latency_benchmark(cfg, log)
+    kernels = list(cfg.refine_kernels)
+    if not kernels or any(k not in native.KERNELS for k in kernels) or \
+            len(set(kernels)) != len(kernels):
+        raise ValueError(f'refine_kernels must be distinct names of {native.KERNELS}, '
+                         f'got {kernels}')
+    if 'native' in kernels and not native.load():
+        raise RuntimeError(f'refine kernel native: the library is not built; run '
+                           f'`{native.BUILD_COMMAND}`')
+    native.set_refine_kernel(kernels[0])  # checks, per-stage timings and profiles
+    try:
+        with conv_backend(cfg.conv_backend), _inductor_freezing(cfg.freezing):
+            report = _run_latency_benchmark(cfg, log)
+    finally:
+        native.set_refine_kernel(None)
+    report['meta']['refine_kernel'] = dict(
+        kernels=kernels, native_built=native.load(),
+        native_library=native.library_path() if native.load() else None)
+    return report
 
 
 @contextlib.contextmanager
@@ -207,7 +299,7 @@ def _run_latency_benchmark(cfg: LatencyConfig, log: Callable[[str], None]) -> Di
     for extra in cfg.depths_by_size.values():
         all_depths += [d for d in extra if d not in all_depths]
     for depth in all_depths:
-        plain = build_resnet_backbone(depth)
+        plain = torchvision_resnet(depth)
         resnets[depth] = {
             f'resnet{depth}': _prepare(plain, False, cfg.channels_last),
             f'resnet{depth}+fold': _prepare(plain, True, cfg.channels_last)}
@@ -242,11 +334,11 @@ def _run_latency_benchmark(cfg: LatencyConfig, log: Callable[[str], None]) -> Di
                     info[name] = dict(model=name, family='resnet', depth=depth,
                                       bn_fold=name.endswith('+fold'), mode=None, rate=None)
                 for rate in cfg.rates:
-                    for mode in cfg.modes:
-                        name = f'sar{depth}-{mode}@{rate:.2f}'
-                        cases[name] = _sar_call(sar, x, mode, rate, cfg.seed)
+                    for mode, kernel, tag in _mode_kernels(cfg):
+                        name = f'sar{depth}-{tag}@{rate:.2f}'
+                        cases[name] = _sar_call(sar, x, mode, rate, cfg.seed, kernel)
                         info[name] = dict(model=name, family='sar', depth=depth, bn_fold=fold_sar,
-                                          mode=mode, rate=rate)
+                                          mode=tag, rate=rate, refine_kernel=kernel)
                 if cfg.compile:
                     _set_patches(compiled[depth]['deployed'], patch['patch_grid'],
                                  patch['patch_size'])
@@ -255,11 +347,13 @@ def _run_latency_benchmark(cfg: LatencyConfig, log: Callable[[str], None]) -> Di
                     info[name] = dict(model=name, family='resnet', depth=depth, bn_fold=True,
                                       mode=None, rate=None, compiled=True)
                     for rate in cfg.rates:
-                        for mode in cfg.modes:
-                            name = f'sar{depth}-{mode}@{rate:.2f}+compiled'
-                            cases[name] = _sar_call(compiled[depth]['sar'], x, mode, rate, cfg.seed)
+                        for mode, kernel, tag in _mode_kernels(cfg):
+                            name = f'sar{depth}-{tag}@{rate:.2f}+compiled'
+                            cases[name] = _sar_call(compiled[depth]['sar'], x, mode, rate,
+                                                    cfg.seed, kernel)
                             info[name] = dict(model=name, family='sar', depth=depth, bn_fold=True,
-                                              mode=mode, rate=rate, compiled=True)
+                                              mode=tag, rate=rate, compiled=True,
+                                              refine_kernel=kernel)
                 learned_here = learned is not None and learned.depth == depth
                 if learned_here:
                     lx = (cfg.learned_inputs or {}).get(size, x)
@@ -328,9 +422,10 @@ def _run_latency_benchmark(cfg: LatencyConfig, log: Callable[[str], None]) -> Di
                                                  seed=cfg.seed, cpu_samples=cpu_samples)
 
                     if cfg.per_stage:
-                        per_stage += _per_stage(cfg, resnets[depth], sar, learned if learned_here
-                                                else None, x, (cfg.learned_inputs or {}).get(size, x),
-                                                key, count, depth, ref_suffix)
+                        per_stage += _per_stage(
+                            cfg, resnets[depth], sar, learned if learned_here else None, x,
+                            (cfg.learned_inputs or {}).get(size, x), key, count, depth,
+                            ref_suffix)
                     if cfg.profile and 'sparse' in cfg.modes:
                         # Profiled at the very end: a torch.profiler session leaves
                         # per-op overhead behind that would slow every later case
@@ -366,13 +461,14 @@ def _run_latency_benchmark(cfg: LatencyConfig, log: Callable[[str], None]) -> Di
                         row['activation_rate'] = flops['actual_rate'][row['rate']]
                     row['flops_ratio'] = row['flops'] / flops['resnet']
                     if row.get('compiled'):
-                        # Compiled against compiled: the side-by-side the issue asks for.
+                        # Compiled against compiled: the fair side-by-side of two compiled networks.
                         row['ratio_vs_resnet_compiled'] = \
                             st['median_ms'] / stats[f'resnet{depth}+compiled']['median_ms']
-                    if row['mode'] == 'sparse':
-                        dense_name = name.replace('-sparse@', '-dense@')
+                    if (row['mode'] or '').startswith('sparse'):
+                        dense_name = name.replace(f"-{row['mode']}@", '-dense@')
                         if dense_name in stats:
-                            row['speedup_vs_dense'] = stats[dense_name]['median_ms'] / st['median_ms']
+                            row['speedup_vs_dense'] = (stats[dense_name]['median_ms']
+                                                       / st['median_ms'])
                     results.append(row)
                 log(format_table([r for r in results if r['size'] == key and
                                   r['threads'] == count and r['depth'] == depth], ref_suffix))
@@ -443,7 +539,7 @@ def _per_stage(cfg: LatencyConfig, resnets: Dict[str, nn.Module], sar: SARResNet
 
 # ------------------------------------------------------------------ reports
 
-# Issue 7's targets, each measured against ResNet-50 in the same run.
+# The latency targets (BENCHMARKS.md), each measured against ResNet-50 in the same run.
 TARGETS = (
     dict(name='224x224, 1 thread: sparse SAR-R50 @0.5 / ResNet-50', size='224x224',
          threads='one', kind='ratio', limit=0.80),
@@ -472,7 +568,7 @@ def _find_row(rows: Sequence[dict], **fields) -> Optional[dict]:
 
 
 def target_summary(report: Dict[str, object], depth: int = 50, rate: float = 0.5) -> List[dict]:
-    """Issue 7's targets against the measured rows (wall-clock medians; CPU-time ratio too)."""
+    """The latency targets against the measured rows (wall-clock medians; CPU-time ratio too)."""
     rows = [r for r in report['results'] if r['depth'] == depth]
     threads_seen = sorted({r['threads'] for r in rows})
     out = []
@@ -562,7 +658,7 @@ def target_headroom(report: Dict[str, object], depth: int = 50, rate: float = 0.
 
 
 def format_summary(report: Dict[str, object], rate: float = 0.5) -> str:
-    """One line per (depth, size, threads): ResNet, SAR dense/sparse at ``rate``, ratios (median and min)."""
+    """One line per (depth, size, threads): ResNet, SAR dense/sparse at ``rate``, their ratios."""
     results = report['results']
     suffix = '+fold' if report['meta']['config']['bn_fold'] == 'both' else ''
     keys = []
@@ -603,8 +699,8 @@ def format_targets(summary: Sequence[dict]) -> str:
     for t in summary:
         measured = t['measured'] if isinstance(t['measured'], str) else f"{t['measured']:.3f}"
         cpu = '' if t['cpu_time_measure'] is None else f"{t['cpu_time_measure']:.3f}"
-        limit = '' if t['limit'] is None else (f"<= {t['limit']}" if t['kind'] == 'ratio'
-                                                else f">= {t['limit']}")
+        limit = '' if t['limit'] is None else (
+            f"<= {t['limit']}" if t['kind'] == 'ratio' else f">= {t['limit']}")
         lines.append(f"| {t['target']} | {t['threads']} | {limit} | {measured} | {cpu} | "
                      f"{'yes' if t['met'] else 'no'} |")
     return '\n'.join(lines) + '\n'
@@ -667,15 +763,15 @@ def format_per_stage(entries: Sequence[dict]) -> str:
         if k not in keys:
             keys.append(k)
     for size, threads, depth in keys:
-        group = [e for e in entries if (e['size'], e['threads'], e['depth']) == (size, threads, depth)]
+        group = [e for e in entries
+                 if (e['size'], e['threads'], e['depth']) == (size, threads, depth)]
         resnet = [e for e in group if e['case'].startswith('resnet')]
         sar = [e for e in group if not e['case'].startswith('resnet')]
         if resnet:
-            parts = resnet[0]['grouped']
+            rows = '\n'.join(f'| {k} | {_med_min(resnet[0], "grouped", k)} |'
+                             for k in resnet[0]['grouped'])
             out.append(f'\n#### per stage: {size}, {threads} thread(s), {resnet[0]["case"]}\n\n'
-                       '| part | ms (median / min) |\n|---|---|\n' +
-                       '\n'.join(f'| {k} | {_med_min(resnet[0], "grouped", k)} |'
-                                  for k in parts) + '\n')
+                       '| part | ms (median / min) |\n|---|---|\n' + rows + '\n')
         if sar:
             out.append(f'\n#### per stage (ms, median / min, summed over the 3 SAR stages): '
                        f'{size}, {threads} thread(s), depth {depth}\n\n'
@@ -779,6 +875,13 @@ def format_report(report: Dict[str, object]) -> str:
         "2x2 grid of stage 3 at 224 the rate steps by 0.25 (the mean rate the masks really have "
         'is given in brackets where it differs; FLOPs use it)',
     ]
+    kernel = meta.get('refine_kernel')
+    if kernel:
+        others = ', '.join(f"'sparse[{k}]'" for k in kernel['kernels'][1:])
+        lines.append(
+            f"- sparse refine op (SAR_REFINE_KERNEL): '{kernel['kernels'][0]}' for the sparse "
+            f"rows{'; ' + others + ' rows time the others' if others else ''}; native library "
+            f"{'built' if kernel['native_built'] else 'NOT built (auto = PyTorch fallback)'}")
     for check in report.get('checks', []):
         lines.append(f"- check {check['size']} depth {check['depth']} rate {check['rate']}: "
                      f"{check.get('case', 'sparse')} vs dense max rel error "
@@ -786,7 +889,8 @@ def format_report(report: Dict[str, object]) -> str:
     if cfg.get('compile'):
         deploy = ', '.join(f'depth {d}: {t:.2f} s' for d, t in meta.get('deploy_s', {}).items())
         compile_times = ', '.join(f'{k}: {t:.1f} s' for k, t in meta.get('compile_s', {}).items())
-        lines.append(f"- torch.compile (inductor, freezing {'on' if cfg.get('freezing') else 'off'})"
+        freezing = 'on' if cfg.get('freezing') else 'off'
+        lines.append(f"- torch.compile (inductor, freezing {freezing})"
                      ' on both sides: ResNet with BN folded, SAR deployed (switch_to_deploy); '
                      "'+compiled' rows, last column: latency / compiled ResNet's latency")
         lines.append(f'- deploy time: {deploy}; compile time (first call): {compile_times}')
@@ -795,7 +899,7 @@ def format_report(report: Dict[str, object]) -> str:
     lines.append(format_summary(report))
     summary = target_summary(report)
     if summary:
-        lines.append('## Issue 7 targets (SAR-ResNet50 G2s2a2b1 at rate 0.5; rate sweeps)\n')
+        lines.append('## Latency targets (SAR-ResNet50 G2s2a2b1 at rate 0.5; rate sweeps)\n')
         lines.append(format_targets(summary))
     headroom = target_headroom(report)
     if headroom:

@@ -28,10 +28,9 @@ an error, and all arguments are checked before the first byte is written.
 
 numpy, Pillow and (for the COCO masks) pycocotools are needed. Command line::
 
-    python -m sar_backbones.datasets.generate --out data/demo --task all
+    python tools/datasets/generate_shape_datasets.py --out data/demo --task all
 """
 from __future__ import annotations
-
 import argparse
 import colorsys
 import hashlib
@@ -71,8 +70,10 @@ DEFAULT_MAX_OBJECTS = 3
 DEFAULT_IGNORE_RADIUS = 1
 
 INFO_FILE = 'dataset_info.json'
-# Names this module in dataset_info.json; __name__ is '__main__' under python -m.
-GENERATOR = 'sar_backbones.datasets.generate'
+# Names this generator in dataset_info.json (__name__ is '__main__' when run as a
+# script); data written before it moved out of the package carries the old name.
+GENERATOR = 'tools/datasets/generate_shape_datasets.py'
+EARLIER_GENERATORS = ('sar_backbones.datasets.generate', )
 SPLITS = ('train', 'val')
 _SPLIT_IDS = {'train': 0, 'val': 1}
 _STREAM_IDS = {'imagenet': 0, 'scenes': 1}
@@ -622,7 +623,7 @@ def _read_info(out_dir: Path) -> dict:
         info = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         info = None
-    if not isinstance(info, dict) or info.get('generator') != GENERATOR:
+    if not isinstance(info, dict) or info.get('generator') not in (GENERATOR, *EARLIER_GENERATORS):
         raise FileExistsError(f'{path} exists and was not written by {GENERATOR}; '
                               'choose another output folder')
     return info
@@ -1102,7 +1103,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     """
     from sar_backbones.utils.cli import ArgumentParser, count_between, int_in
     parser = ArgumentParser(
-        prog='sar-make-data', description=__doc__.split('\n\n')[0],
+        prog='generate_shape_datasets.py', description=__doc__.split('\n\n')[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--out', default='data/demo', help='output root')
     parser.add_argument('--task', nargs='+', default=['all'],
@@ -1139,7 +1140,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point (``sar-make-data``).
+    """Command-line entry point (``python tools/datasets/generate_shape_datasets.py``).
 
     Args:
         argv: Arguments without the program name; None reads ``sys.argv``.
@@ -1156,10 +1157,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             args.cls_num_val, args.cls_image_size, args.max_objects, args.seed,
                             args.ignore_radius)
     except (ValueError, FileExistsError) as error:
-        print(f'sar-make-data: error: {error}', file=sys.stderr)
+        print(f'generate_shape_datasets.py: error: {error}', file=sys.stderr)
         return 2
     except OSError as error:
-        print(f'sar-make-data: error: writing {args.out} failed: {error}', file=sys.stderr)
+        print(f'generate_shape_datasets.py: error: writing {args.out} failed: {error}',
+              file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - start
     for task in args.task:

@@ -1,28 +1,38 @@
-"""Build SAR-ResNet backbones from preset names and task models from configs.
+"""The models the analysis tools work on, built from preset names or configs.
 
-Shared by the analysis tools (``tools/analysis/*.py``): a preset such as
-``sar-resnet50-g2s2a2b1`` (optionally ``-t0.5``, or ``sar-resnetv1c50-...``
-for the deep stem) names a bare backbone in the paper's variant notation; a
-config builds the whole task model through the registries of its default
-scope (mmpretrain, mmdet or mmseg) and the backbone is ``model.backbone``.
+Shared by ``tools/analysis/*.py``, ``tools/demo.py`` and the latency benchmark
+(``benchmarks/latency.py``):
+
+* a preset such as ``sar-resnet50-g2s2a2b1`` (optionally ``-t0.5``, or
+  ``sar-resnetv1c50-...`` for the deep stem) names a bare backbone in the
+  paper's variant notation (:func:`parse_preset`, :func:`build_preset_backbone`);
+* a config builds the whole task model through the registries of its default
+  scope (mmpretrain, mmdet or mmseg) and the backbone is ``model.backbone``
+  (:func:`load_model`, :func:`build_model_from_config`); :func:`load_weights`
+  loads a whole-model or backbone-only checkpoint into either;
+* :func:`reference_resnet` builds the plain ResNet a SAR backbone replaces,
+  the reference of every cost and latency comparison.
 """
 import copy
 import re
 from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 
-import torch
 import torch.nn as nn
+import torchvision
+from torch import Tensor
 
-from ..engine.hooks import get_sar_backbone
-from ..engine.launch import swap_sync_bn
-from ..models.backbones import SARResNet
+from sar_backbones.engine import get_sar_backbone, swap_sync_bn
+from sar_backbones.models.backbones import SARResNet
+from sar_backbones.models.backbones.checkpoint import (BackboneCheckpointMismatchError,
+                                                       describe_mismatch, extract_state_dict,
+                                                       load_checkpoint_file)
 
 _PRESET = re.compile(
     r'^sar-resnet(?P<v1c>v1c)?(?P<depth>\d+)-g(?P<groups>\d+)s(?P<stride>\d+)'
     r'a(?P<alpha>\d+)b(?P<beta>\d+(?:\.\d+)?)(?:-t(?P<target>\d*\.?\d+))?$')
 
 # Patch settings of the paper's model at 224x224 and their fixed-size
-# counterpart for detection-size inputs (DESIGN.md section 1).
+# counterpart for detection-size inputs (README.md, "Use SAR-ResNet in your own config").
 DEFAULT_PATCH_GRID = (14, 7, 2)
 DEFAULT_PATCH_SIZE = (4, 4, 7)
 
@@ -36,12 +46,14 @@ def parse_preset(name: str) -> Dict[str, Any]:
     """
     match = _PRESET.match(name.strip().lower())
     if match is None:
-        raise ValueError(f'unknown preset {name!r}; expected sar-resnet<depth>-g<G>s<s>a<alpha>b<beta>'
+        raise ValueError(f'unknown preset {name!r}; expected '
+                         'sar-resnet<depth>-g<G>s<s>a<alpha>b<beta>'
                          '[-t<rate>], e.g. sar-resnet50-g2s2a2b1 or sar-resnetv1c50-g2s4a1b1-t0.5')
     beta = float(match['beta'])
     kwargs: Dict[str, Any] = dict(
-        depth=int(match['depth']), mask_groups=int(match['groups']), base_stride=int(match['stride']),
-        alpha=int(match['alpha']), beta=int(beta) if beta.is_integer() else beta)
+        depth=int(match['depth']), mask_groups=int(match['groups']),
+        base_stride=int(match['stride']), alpha=int(match['alpha']),
+        beta=int(beta) if beta.is_integer() else beta)
     if match['v1c']:
         kwargs['deep_stem'] = True
     if match['target']:
@@ -112,8 +124,6 @@ def load_weights(model: nn.Module, checkpoint: str) -> Tuple[str, int]:
 
     Returns which part was loaded ('model' or 'backbone') and the number of tensors.
     """
-    from ..models.backbones.checkpoint import (BackboneCheckpointMismatchError, describe_mismatch,
-                                               extract_state_dict, load_checkpoint_file)
     state = extract_state_dict(load_checkpoint_file(checkpoint), source=checkpoint)
     target, part = model, 'model'
     backbone = model if isinstance(model, SARResNet) else getattr(model, 'backbone', None)
@@ -162,7 +172,85 @@ def load_model(config: Optional[str] = None, preset: Optional[str] = None,
     return LoadedModel(None, 'preset', backbone, backbone)
 
 
-def random_image(shape: Sequence[int], seed: int = 0) -> torch.Tensor:
-    """A reproducible normalised-image-like input ``(1, C, H, W)``."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(1, *shape, generator=generator)
+# ------------------------------------------------------------ reference ResNets
+class TorchvisionBackbone(nn.Module):
+    """A torchvision ResNet without its pooling and FC head: returns the 4 stage outputs.
+
+    The same output contract as :class:`SARResNet` with ``out_indices=(0, 1, 2, 3)``,
+    so that the two backbones are timed and counted on equal terms.
+    """
+
+    def __init__(self, resnet: nn.Module) -> None:
+        super().__init__()
+        for name in ('conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4'):
+            self.add_module(name, getattr(resnet, name))
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        outs = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            outs.append(x)
+        return tuple(outs)
+
+
+TORCHVISION_RESNETS = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34,
+                       50: torchvision.models.resnet50, 101: torchvision.models.resnet101}
+
+
+def torchvision_resnet(depth: int, num_classes: Optional[int] = None) -> nn.Module:
+    """torchvision ResNet-``depth`` (random weights, eval mode).
+
+    Args:
+        depth (int): 18, 34, 50 or 101.
+        num_classes (int, optional): Keep the classification head with this
+            many classes; None gives the backbone (:class:`TorchvisionBackbone`).
+    """
+    if depth not in TORCHVISION_RESNETS:
+        raise ValueError(
+            f'no torchvision ResNet-{depth}; choose from {sorted(TORCHVISION_RESNETS)}')
+    if num_classes:
+        return TORCHVISION_RESNETS[depth](num_classes=num_classes).eval()
+    return TorchvisionBackbone(TORCHVISION_RESNETS[depth]()).eval()
+
+
+def reference_resnet(model: nn.Module,
+                     num_classes: Optional[int] = None) -> Tuple[Optional[nn.Module], str]:
+    """The plain ResNet a SAR backbone replaces (random weights, eval mode), and its name.
+
+    Same depth, stem (plain or deep), stem and stage widths, strides and
+    dilations, so that both are counted at the same feature resolutions. The
+    standard backbone (7x7 stem, widths 64, strides 4/8/16/32) is torchvision's
+    ResNet, with its head when ``num_classes`` is given; a deep-stem, dilated
+    (the mmseg OS8 setting) or re-sized one is mmseg's ``ResNetV1c``/``ResNet``.
+
+    Args:
+        model (nn.Module): A :class:`SARResNet` or a model holding one.
+        num_classes (int, optional): Classes of the head (standard backbones only).
+
+    Returns:
+        tuple: The ResNet and its name, or ``(None, '')`` for a standard
+        backbone whose depth torchvision does not have.
+    """
+    sar = get_sar_backbone(model)
+    stem = sar.stem[-3].out_channels if sar.deep_stem else sar.conv1.out_channels
+    block, _ = sar.arch_settings[sar.depth]
+    base = sar.stage_channels[0] // block.expansion
+    strides, dilations = tuple(sar.strides), tuple(sar.dilations)
+    standard = (not sar.deep_stem and strides == (1, 2, 2, 2) and dilations == (1, 1, 1, 1)
+                and (sar.in_channels, stem, base) == (3, 64, 64))
+    if standard:
+        if sar.depth not in TORCHVISION_RESNETS:
+            return None, ''
+        part = 'with head' if num_classes else 'backbone'
+        return torchvision_resnet(sar.depth, num_classes), f'torchvision resnet{sar.depth} ({part})'
+    # mmseg's ResNet is the one whose BasicBlock accepts dilation (the OS8
+    # segmentation setting); torchvision's refuses it.
+    from mmseg.models.backbones import ResNet, ResNetV1c
+    cls = ResNetV1c if sar.deep_stem else ResNet
+    resnet = cls(depth=sar.depth, in_channels=sar.in_channels, stem_channels=stem,
+                 base_channels=base, strides=strides, dilations=dilations,
+                 contract_dilation=any(d > 1 for d in dilations))
+    resnet.eval()  # (mmseg's ResNet.train() does not return the module)
+    return resnet, (f'mmseg {cls.__name__}-{sar.depth} (strides {strides}, '
+                    f'dilations {dilations}; backbone)')

@@ -1,6 +1,5 @@
-"""Tests of the synthetic data set generator and of the real loaders reading it."""
+"""The shape data set generator (``tools/datasets/generate_shape_datasets.py``) and real loaders."""
 from __future__ import annotations
-
 import json
 from pathlib import Path
 from typing import Dict
@@ -9,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sar_backbones.datasets import generate as gen
+import tools.datasets.generate_shape_datasets as gen
+from ..script_loading import REPO
 
 # Tiny but covering: several images per split and class, both splits.
 SMALL = dict(num_train=6, num_val=4, image_size=(64, 96), cls_num_train=3, cls_num_val=2,
@@ -488,9 +488,16 @@ def test_cli_ownership_errors_are_one_line_in_a_real_process(tmp_path: Path) -> 
     import subprocess
     import sys
     (tmp_path / gen.INFO_FILE).write_text('{"generator": "elsewhere"}')
-    proc = subprocess.run([sys.executable, '-m', 'sar_backbones.datasets.generate', '--out',
-                           str(tmp_path), '--task', 'imagenet', '--cls-num-train', '1'],
+    proc = subprocess.run([sys.executable, str(REPO / 'tools/datasets/generate_shape_datasets.py'),
+                           '--out', str(tmp_path), '--task', 'imagenet', '--cls-num-train', '1'],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ''
     assert len(proc.stderr.strip().splitlines()) == 1 and gen.INFO_FILE in proc.stderr
     assert _tree_bytes(tmp_path) == {gen.INFO_FILE: b'{"generator": "elsewhere"}'}
+
+
+def test_data_written_before_the_generator_moved_is_still_its_own(tmp_path: Path) -> None:
+    (tmp_path / gen.INFO_FILE).write_text('{"generator": "sar_backbones.datasets.generate"}')
+    gen.generate_imagenet(tmp_path, num_train_per_class=1, num_val_per_class=1, image_size=32)
+    info = json.loads((tmp_path / gen.INFO_FILE).read_text())
+    assert info['generator'] == gen.GENERATOR and 'imagenet' in info['tasks']

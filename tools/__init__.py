@@ -1,0 +1,1 @@
+"""Command-line tools; shared modules import as ``tools.<folder>.<module>`` (repository root)."""
