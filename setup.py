@@ -24,6 +24,8 @@ setup(
     license='Apache-2.0',
     python_requires='>=3.10',
     packages=find_packages(include=['sar_backbones', 'sar_backbones.*']),
+    # The native refine kernel's source, compiled after install (scripts/install.sh).
+    package_data={'sar_backbones.inference.native': ['*.cpp']},
     # mmcv must be built from source with ops (scripts/install.sh); it is not
     # listed here so that pip never tries to build it on its own.
     install_requires=read_requirements('torch.txt') + read_requirements('runtime.txt'),

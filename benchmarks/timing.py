@@ -8,6 +8,7 @@ medians of the same run.
 """
 import contextlib
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -123,7 +124,7 @@ def max_relative_error(a: Iterable[Tensor], b: Iterable[Tensor]) -> float:
 
 
 def machine_info() -> Dict[str, object]:
-    """CPU model (``lscpu``), core count, torch version and default thread count."""
+    """CPU model (``lscpu``), core count, library versions, threads and the code's commit."""
     model = platform.processor() or 'unknown'
     try:
         out = subprocess.run(['lscpu'], capture_output=True, text=True, timeout=10).stdout
@@ -148,6 +149,7 @@ def machine_info() -> Dict[str, object]:
                 if k in os.environ},
         'torch_parallel_info': _parallel_backend(),
         'code': code_version(),
+        'openmmlab': _openmmlab_versions(),
     }
 
 
@@ -168,6 +170,17 @@ def code_version() -> str:
         return __version__
     dirty = '+dirty' if status.stdout.strip() else ''
     return f'{__version__} (commit {commit.stdout.strip()}{dirty})'
+
+
+def _openmmlab_versions() -> Dict[str, str]:
+    """Installed versions of the OpenMMLab libraries (read from their metadata, not imported)."""
+    versions = {}
+    for name in ('mmengine', 'mmcv', 'mmdet', 'mmsegmentation', 'mmpretrain'):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
 
 
 def _parallel_backend() -> str:

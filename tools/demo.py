@@ -309,6 +309,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def data_sizes(quick: bool) -> Dict[str, int]:
+    """Arguments of the generator: images per class (ImageNet) and per split (COCO / VOC)."""
     return QUICK_DATA_SIZES if quick else DATA_SIZES
 
 

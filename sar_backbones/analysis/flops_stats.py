@@ -107,7 +107,7 @@ def folder_inputs(path: str, size: Tuple[int, int], limit: Optional[int] = None,
 
 def dataloader_inputs(model: nn.Module, cfg, limit: Optional[int] = None,
                       split: str = 'test') -> Iterator[Tuple[str, Tensor]]:
-    """``(name, inputs)`` from a config's ``{split}_dataloader`` through the model's data preprocessor.
+    """``(name, inputs)`` from a config's ``{split}_dataloader``, through the data preprocessor.
 
     One image at a time (batch 1, no workers), exactly as the task's test
     pipeline and ``data_preprocessor`` prepare it (resize, normalise, pad).
@@ -182,9 +182,12 @@ def rate_statistics(model: nn.Module, measured: Dict[str, object],
 
     Returns:
         dict with ``num_images``, ``params``, ``activation_rate`` {mean, std},
-        ``stage_rates`` (list of {mean, std}, one per SAR stage),
-        ``block_rates`` (mean per masked block), ``flops`` {mean, std, min,
-        max} (MACs), ``flops_dense`` and ``flops_static`` (mean over images),
+        ``stage_rates`` (list of {mean, std}, one per SAR stage: the
+        unweighted mean of its blocks' rates, as ``act_rate_stage{i}``),
+        ``block_rates`` (mean per masked block), ``target_rate`` (``t``),
+        ``max_stage_deviation`` (max over stages of ``|stage rate - t|``),
+        ``flops`` {mean, std, min, max} (MACs), ``flops_dense`` and
+        ``flops_static`` (mean over images),
         ``per_image`` (list of {name, shape, rate, flops}), and
         ``reference_flops`` / ``flops_ratio`` when a reference is given.
     """
@@ -209,14 +212,18 @@ def rate_statistics(model: nn.Module, measured: Dict[str, object],
     image_rates = rates.mean(dim=1)
     rate_mean, rate_std = _mean_std(image_rates)
     flops_mean, flops_std = _mean_std(flops)
+    stage_rates = [dict(zip(('mean', 'std'), _mean_std(rates[:, cols].mean(dim=1))))
+                   for cols in backbone.stage_block_slices()]
+    target = float(backbone.target_rate)
     stats: Dict[str, object] = {
         'num_images': len(shapes),
         'params': params,
         'input_shapes': sorted({list(s).__repr__() for s in shapes}),
         'activation_rate': {'mean': rate_mean, 'std': rate_std},
-        'stage_rates': [dict(zip(('mean', 'std'), _mean_std(rates[:, cols].mean(dim=1))))
-                        for cols in backbone.stage_block_slices()],
+        'stage_rates': stage_rates,
         'block_rates': rates.mean(dim=0).tolist(),
+        'target_rate': target,
+        'max_stage_deviation': max(abs(s['mean'] - target) for s in stage_rates),
         'flops': {'mean': flops_mean, 'std': flops_std, 'min': float(flops.min()),
                   'max': float(flops.max())},
         'flops_dense': float(dense.mean()),

@@ -441,20 +441,19 @@ class SARRateCalibrationHook(Hook):
     240 iterations, training rates 0.49 / 0.50 / 0.50 per SAR stage against
     held-out inference rates 0.40 / 0.54 / 0.56 (docs/demo_results.md).
 
-    Over the last ``num_batches`` training iterations this hook runs the
-    backbone once more on each training batch in eval mode (running
-    statistics, no noise, no gradient), collecting the noise-free margins
-    ``keep - skip`` of every masked block and group. After the last
+    The hook keeps the last ``num_batches`` training batches. After the last
     iteration, before the checkpoint of that iteration or epoch is saved, it
-    shifts the keep bias of every selector group by minus the ``1 - t``
-    quantile of its margins: the deterministic masks of that data then
-    select a share ``t`` of the patches of every block (Eq. 10's per-block
-    target met at inference), and the learned ranking of patches is
-    unchanged. The shifts are logged (``SARRateCalibrationHook: ...``).
+    runs the backbone on them in eval mode (running statistics, no noise, no
+    gradient) and shifts the keep bias of every selector group so that the
+    deterministic masks of these batches select a share ``t`` of the patches
+    of every block (:func:`calibrate_backbone`): Eq. 10's per-block target,
+    met by the masks inference takes. The learned ranking of the patches is
+    unchanged. Stage by stage, because a stage's masks change the input of
+    the next stage's selectors. The shifts are logged.
 
     Args:
-        num_batches (int): Training batches to calibrate on (the last ones).
-            Defaults to 16.
+        num_batches (int): Training batches to calibrate on (the last ones,
+            kept as the data loader gave them). Defaults to 16.
         target (float, optional): The rate to calibrate to, in (0, 1].
             Defaults to None: the backbone's target rate ``t`` when training
             ends (the final target of :class:`SARTargetRateHook`).
@@ -474,45 +473,86 @@ class SARRateCalibrationHook(Hook):
         self.num_batches = int(num_batches)
         self.target = None if target is None else check_number(
             target, 'target', 0., 1., low_open=True)
-        self._margins: Dict[int, list] = defaultdict(list)
+        self._batches: list = []
 
     def before_train(self, runner) -> None:
-        self._margins = defaultdict(list)
+        self._batches = []
 
     def after_train_iter(self, runner, batch_idx: int, data_batch: DATA_BATCH = None,
                          outputs: Optional[dict] = None) -> None:
-        """Collect eval-mode margins on the last batches; calibrate after the last one."""
+        """Keep the last batches; calibrate after the last iteration."""
         left = runner.max_iters - runner.iter  # this iteration included
         if left > self.num_batches or data_batch is None:
             return
-        model = runner.model
-        while is_model_wrapper(model) or isinstance(model, BaseTTAModel):
-            model = model.module
-        backbone = get_sar_backbone(model)
-        with torch.no_grad():
-            inputs = model.data_preprocessor(data_batch, False)['inputs']
-            for index, margin in enumerate(eval_margins(backbone, inputs)):
-                # (B, G, Kh, Kw) -> (G, B * Kh * Kw): one threshold per group.
-                self._margins[index].append(margin.transpose(0, 1).flatten(1).cpu())
+        self._batches.append(data_batch)
         if left <= 1:
-            self.calibrate(runner, backbone)
+            self.calibrate(runner)
 
-    def calibrate(self, runner, backbone: nn.Module) -> Dict[int, list]:
-        """Shift every selector group's keep bias to its ``1 - t`` margin quantile.
+    def calibrate(self, runner) -> Dict[int, list]:
+        """Calibrate the backbone of ``runner.model`` on the kept batches.
 
         Returns:
             dict: Per masked block, the shift of each group's keep logit.
         """
+        model = runner.model
+        while is_model_wrapper(model) or isinstance(model, BaseTTAModel):
+            model = model.module
+        backbone = get_sar_backbone(model)
         target = self.target if self.target is not None else float(backbone.target_rate)
-        parts = all_gather_object({k: torch.cat(v, 1) for k, v in self._margins.items()})
-        margins = {index: torch.cat([part[index] for part in parts if index in part], 1)
-                   for index in parts[0]}
-        shifts, before = calibrate_thresholds(backbone, margins, target)
+        batches = self._batches
+
+        def inputs():
+            for data_batch in batches:
+                yield model.data_preprocessor(data_batch, False)['inputs']
+
+        shifts, before = calibrate_backbone(backbone, inputs, target, gather=_gather_margins)
+        rounded = {index: [round(v, 3) for v in values] for index, values in shifts.items()}
         print_log(f'SARRateCalibrationHook: keep-logit shift per masked block and group '
-                  f'{shifts} (eval-mode rates before: {before}; after: {target:g}, on the last '
-                  f'{self.num_batches} training batches)', logger='current')
-        self._margins = defaultdict(list)
+                  f'{rounded} (eval-mode rates before: {before}; after: {target:g}, on the last '
+                  f'{len(batches)} training batches)', logger='current')
+        self._batches = []
         return shifts
+
+
+def _gather_margins(margins: Dict[int, torch.Tensor]) -> Dict[int, torch.Tensor]:
+    """Concatenate every rank's margins ``(G, M_rank)`` per block (identity without DDP)."""
+    parts = all_gather_object(margins)
+    return {index: torch.cat([part[index] for part in parts if index in part], 1)
+            for index in margins}
+
+
+def calibrate_backbone(backbone: nn.Module, batches, target: float,
+                       gather=None) -> Tuple[Dict[int, list], Dict[int, float]]:
+    """Calibrate every masked block's threshold to rate ``t`` on some inputs, stage by stage.
+
+    Args:
+        backbone (nn.Module): The SAR backbone (changed in place).
+        batches (Callable[[], Iterable[Tensor]]): Returns the input batches
+            (called once per SAR stage).
+        target (float): The rate ``t``.
+        gather (Callable, optional): Combines the margins of all ranks.
+
+    Returns:
+        tuple: See :func:`calibrate_thresholds`; the rates before are those
+        of each stage after the stages before it were calibrated.
+    """
+    shifts: Dict[int, list] = {}
+    before: Dict[int, float] = {}
+    for cols in backbone.stage_block_slices():
+        margins: Dict[int, list] = defaultdict(list)
+        with torch.no_grad():
+            for inputs in batches():
+                for index, margin in enumerate(eval_margins(backbone, inputs)):
+                    if cols.start <= index < cols.stop:
+                        # (B, G, Kh, Kw) -> (G, B * Kh * Kw): one threshold per group.
+                        margins[index].append(margin.transpose(0, 1).flatten(1).cpu())
+        joined = {index: torch.cat(values, 1) for index, values in margins.items()}
+        if gather is not None:
+            joined = gather(joined)
+        stage_shifts, stage_before = calibrate_thresholds(backbone, joined, target)
+        shifts.update(stage_shifts)
+        before.update(stage_before)
+    return shifts, before
 
 
 def calibrate_thresholds(backbone: nn.Module, margins: Dict[int, torch.Tensor],
@@ -528,8 +568,10 @@ def calibrate_thresholds(backbone: nn.Module, margins: Dict[int, torch.Tensor],
 
     Args:
         backbone (nn.Module): The SAR backbone (its selectors are changed in place).
-        margins (dict[int, Tensor]): Per masked block (in mask order), the
-            eval-mode margins ``(G, M)`` of ``M`` patches of each group.
+        margins (dict[int, Tensor]): Per masked block to calibrate (index in
+            mask order), the eval-mode margins ``(G, M)`` of ``M`` patches of
+            each group. Blocks of a later stage must be measured after the
+            earlier stages were calibrated (:func:`calibrate_backbone`).
         target (float): The rate ``t`` in (0, 1].
 
     Returns:
@@ -538,17 +580,18 @@ def calibrate_thresholds(backbone: nn.Module, margins: Dict[int, torch.Tensor],
     """
     target = check_number(target, 'target', 0., 1., low_open=True)
     selectors = _selectors(backbone)
-    if sorted(margins) != list(range(len(selectors))):
-        raise ValueError(f'calibration needs the margins of all {len(selectors)} masked blocks, '
-                         f'got blocks {sorted(margins)}')
+    if not set(margins) <= set(range(len(selectors))):
+        raise ValueError(f'the backbone has {len(selectors)} masked blocks (0..'
+                         f'{len(selectors) - 1}), got margins of blocks {sorted(margins)}')
     shifts, before = {}, {}
-    for index, selector in enumerate(selectors):
-        block = margins[index].double().reshape(selector.groups, -1)
-        threshold = torch.stack([_rate_threshold(group, target) for group in block])
+    for index in sorted(margins):
+        selector = selectors[index]
+        block = margins[index].detach().double().reshape(selector.groups, -1)
+        threshold = torch.stack([_rate_threshold(group, target) for group in block.detach()])
         with torch.no_grad():
             bias = selector.fc.bias.view(selector.groups, 2)
             bias[:, 1] -= threshold.to(bias)
-        shifts[index] = [round(-float(q), 4) for q in threshold]
+        shifts[index] = [-float(q) for q in threshold]
         before[index] = round(float((block > 0).double().mean()), 3)
     return shifts, before
 

@@ -4,6 +4,8 @@
   pure function of the input, the masks and the folded weights;
 * :mod:`.ops`: the same registered as the custom operator
   ``sar_backbones::refine_stage`` for ``torch.compile``;
+* :mod:`.native`: the fused C++ kernel of that op on CPU float32 (built once by
+  ``scripts/install.sh``; ``SAR_REFINE_KERNEL=auto|native|torch`` chooses);
 * :mod:`.memory_format`: NCHW <-> NHWC copies;
 * :mod:`.deploy`: the one-time deploy step (``SARResNet.switch_to_deploy()``).
 

@@ -77,7 +77,7 @@ def _axis_cells(size: int, cells: int) -> Tuple[Tensor, int]:
 
 def _per_patch(rows: Tensor, cols: Tensor, valid_rows: Tensor, valid_cols: Tensor,
                width: int) -> Tensor:
-    """``(Kh*Kw, len_r*len_c)`` pixel offsets from per-axis ``(K, len)`` coordinates, -1 if invalid."""
+    """``(Kh*Kw, len_r*len_c)`` pixel offsets from per-axis ``(K, len)`` coordinates, -1 invalid."""
     pixel = rows[:, None, :, None] * width + cols[None, :, None, :]
     valid = valid_rows[:, None, :, None] & valid_cols[None, :, None, :]
     return torch.where(valid, pixel, -1).flatten(0, 1).flatten(1)

@@ -14,6 +14,7 @@ get_flops = load_tool('get_flops')
 TOP_FIELDS = {'task', 'input_shape', 'params', 'params_model', 'flops_dense', 'flops_static',
               'flops_refine', 'flops_refine_per_stage', 'assumed', 'reference', 'unit'}
 MEASURED_FIELDS = {'num_images', 'params', 'activation_rate', 'stage_rates', 'block_rates',
+                   'target_rate', 'max_stage_deviation',
                    'flops', 'flops_dense', 'flops_static', 'per_image', 'histogram',
                    'reference_flops', 'flops_ratio'}
 
@@ -89,6 +90,25 @@ def test_rate_statistics_uses_each_images_own_rates(tiny_imagenet):
     assert stats['activation_rate']['mean'] == pytest.approx(0.5)
     assert stats['activation_rate']['std'] == pytest.approx(0.25)
     assert stats['flops']['mean'] == pytest.approx(expected['flops'])
+    # Stage rates: the unweighted mean of the stage's block rates (act_rate_stage{i}).
+    measured['rates'] = torch.arange(2 * n, dtype=torch.float64).view(2, n) / (2 * n)
+    stats = rate_statistics(model, measured)
+    for cols, stage in zip(model.stage_block_slices(), stats['stage_rates']):
+        assert stage['mean'] == pytest.approx(float(measured['rates'][:, cols].mean()))
+    assert stats['target_rate'] == model.target_rate
+    assert stats['max_stage_deviation'] == pytest.approx(
+        max(abs(s['mean'] - model.target_rate) for s in stats['stage_rates']))
+    text = get_flops.format_result(dict(
+        config='c', task='classifier', input_shape=[3, 64, 64], num_classes=None, params=1,
+        params_model=1, flops_dense=1, flops_static=1, flops_refine_per_stage=[1], assumed=[],
+        measured=dict(stats, histogram='h.png')))
+    stage_line = [line for line in text.splitlines()
+                  if line.startswith('per-stage inference rates: ')]
+    assert stage_line == ['per-stage inference rates: ' + ' / '.join(
+        f"{s['mean']:.3f}" for s in stats['stage_rates'])
+        + f" (target t={model.target_rate:.3f}, max |stage rate - t| = "
+        f"{stats['max_stage_deviation']:.3f})"]
+    assert 'per-block: ' + ' / '.join(f'{r:.3f}' for r in stats['block_rates']) in text
 
 
 def test_measured_on_the_config_dataloader(tmp_path, tiny_imagenet):

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
+from sar_backbones.inference.sparse import add_relu_, patch_layout
 from sar_backbones.models.backbones import SARStage
 from sar_backbones.models.layers import BasicBlock, Bottleneck
-from sar_backbones.inference.sparse import add_relu_, patch_layout
 from tests.models.helpers import randomize_norms, relative_error
 
 

@@ -34,7 +34,7 @@ def demo():
 @pytest.fixture(scope='module')
 def quick_run(demo, tmp_path_factory):
     work_dir = tmp_path_factory.mktemp('demo')
-    results = demo.main(['--work-dir', str(work_dir), '--quick', '--num-vis', '2'])
+    results = demo.main(['--work-dir', str(work_dir), '--quick', '--num-vis', '2', '--seed', '3'])
     return work_dir, results
 
 
@@ -69,6 +69,7 @@ def test_every_stage_ran_and_left_its_outputs(quick_run, demo):
         # The resolved config reproduces the stage with tools/train.py.
         cfg = Config.fromfile(row['resolved_config'])
         assert 'sar_backbones' in cfg.custom_imports.imports
+        assert cfg.randomness.seed == 3 == results['seed']
         assert str(work_dir / 'data') in json.dumps(cfg.train_dataloader.to_dict())
         # Trained and untrained models were both evaluated with the task metric,
         # and each test run left its log.

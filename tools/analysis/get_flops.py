@@ -319,6 +319,13 @@ def format_result(result: Dict[str, object]) -> str:
                      f"{m['activation_rate']['mean']:.3f} +- {m['activation_rate']['std']:.3f}; "
                      "per stage "
                      + ', '.join(f"{s['mean']:.3f}+-{s['std']:.3f}" for s in m['stage_rates']))
+        # The inference (deterministic-mask) rates, one definition everywhere
+        # (act_rate_stage{i}: the unweighted mean of a stage's block rates).
+        lines.append('per-stage inference rates: '
+                     + ' / '.join(f"{s['mean']:.3f}" for s in m['stage_rates'])
+                     + f" (target t={m['target_rate']:.3f}, max |stage rate - t| = "
+                     f"{m['max_stage_deviation']:.3f})")
+        lines.append('per-block: ' + ' / '.join(f'{r:.3f}' for r in m['block_rates']))
         lines.append(f"  FLOPs {m['flops']['mean'] / g:.3f} +- {m['flops']['std'] / g:.3f} GMACs "
                      f"(min {m['flops']['min'] / g:.3f}, max {m['flops']['max'] / g:.3f})"
                      + (f"; {m['flops_ratio']:.3f}x the reference" if 'flops_ratio' in m else ''))

@@ -164,9 +164,11 @@ def main(argv=None) -> Dict[str, object]:
             float(np.mean([r for r, s in zip(collected['rates'], block_stages) if s == stage]))
             for stage in sorted(set(block_stages))]
         index['images'][stem] = entry
-        print(f"{stem}: rate {entry['activation_rate']:.3f} (per stage "
-              + ', '.join(f'{r:.2f}' for r in entry['stage_rates'])
-              + f"), {len(entry['overlays'])} overlays")
+        # Learned masks are the deterministic eval-mode ones, as at inference.
+        kind = 'inference (deterministic)' if args.mask_rate is None else 'random-mask'
+        print(f"{stem}: rate {entry['activation_rate']:.3f}; per-stage {kind} rates: "
+              + ' / '.join(f'{r:.3f}' for r in entry['stage_rates'])
+              + f"; {len(entry['overlays'])} overlays")
     with open(osp.join(args.out_dir, 'masks.json'), 'w') as f:
         json.dump(index, f, indent=1)
     print(f"wrote {len(items)} image(s) to {args.out_dir}")

@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <unordered_map>
@@ -422,13 +423,33 @@ at::Tensor refine_stage_native(const at::Tensor& x_in, const at::Tensor& masks_i
     const float* zeros = zero_row(max_ch);
     const int d = geo.dilation;
 
-    // Rows of a pixel's neighbour (tap t of a k x k kernel) in mask group g, or null.
-    auto neighbour = [&](int n, int g, int y, int x, int t, int k, int& yy, int& xx) -> int {
+    // The k x k taps of pixel (y, x) of image n, mask group g: out[t * MR] = ptr(rank of
+    // the neighbour's patch, its local index in that patch) where the neighbour is inside
+    // the map and its patch selected for this block and group, else the zero row.
+    // (Hot for the narrow stage-1 convolutions: no divisions, table lookups only.)
+    const int* cell_row = geo.cell_row.data();
+    const int* cell_col = geo.cell_col.data();
+    const int* row_start = geo.row_start.data();
+    const int* col_start = geo.col_start.data();
+    auto taps_of = [&](int n, int g, int y, int x, int k, const float** out, auto&& ptr) {
       const int off = (k - 1) / 2;
-      yy = y + (t / k - off) * d;
-      xx = x + (t % k - off) * d;
-      if (yy < 0 || yy >= height || xx < 0 || xx >= width) return -1;
-      return rank[(static_cast<size_t>(n) * G + g) * geo.cells() + geo.cell_of(yy, xx)];
+      const int* rank_ng = rank.data() + (static_cast<size_t>(n) * G + g) * geo.cells();
+      for (int ky = 0, t = 0; ky < k; ++ky) {
+        const int yy = y + (ky - off) * d;
+        const bool row_ok = yy >= 0 && yy < height;
+        const int cy = row_ok ? cell_row[yy] : 0;
+        const int ly = row_ok ? (yy - row_start[cy]) * geo.pw : 0;
+        for (int kx = 0; kx < k; ++kx, ++t) {
+          const int xx = x + (kx - off) * d;
+          const float* s = zeros;
+          if (row_ok && xx >= 0 && xx < width) {
+            const int cx_ = cell_col[xx];
+            const int rk = rank_ng[cy * geo.kw + cx_];
+            if (rk >= 0) s = ptr(rk, yy, xx, ly + xx - col_start[cx_]);
+          }
+          out[t * MR] = s;
+        }
+      }
     };
 
     // ---- phase A: the first convolution on every selected pixel -> compact rows.
@@ -451,12 +472,13 @@ at::Tensor refine_stage_native(const at::Tensor& x_in, const at::Tensor& masks_i
           const int tl = j / MR, r = j % MR;
           sc_.outs[j] = hp + (static_cast<int64_t>(it.rank) * geo.pp + geo.local_of(y, x) + 1) *
                                  c1;
-          for (int t = 0; t < w.taps; ++t) {
-            const float* src = zeros;
-            int yy = y, xx = x;
-            if (w.taps == 1 || neighbour(it.image, it.group, y, x, t, w.kernel, yy, xx) >= 0)
-              src = xp + (it.image * hw + yy * width + xx) * cx + in_off;
-            sc_.src[(static_cast<size_t>(tl) * w.taps + t) * MR + r] = src;
+          const float** dst = sc_.src.data() + static_cast<size_t>(tl) * w.taps * MR + r;
+          if (w.taps == 1) {
+            *dst = xp + (it.image * hw + y * width + x) * cx + in_off;
+          } else {  // a 3x3 first convolution reads the input of selected neighbours only
+            taps_of(it.image, it.group, y, x, w.kernel, dst, [&](int, int yy, int xx, int) {
+              return xp + (it.image * hw + yy * width + xx) * cx + in_off;
+            });
           }
         }
         conv_rows(m, w, og, sc_.src.data(), nullptr, 0, nullptr,
@@ -490,12 +512,10 @@ at::Tensor refine_stage_native(const at::Tensor& x_in, const at::Tensor& masks_i
           conv_rows(m, *sc, it.group, sc_.xrows.data(), nullptr, 0, nullptr, bias,
                     sc_.outs.data(), col_out, false, last_relu);
         } else {  // in place on the identity: out = ReLU(x + b_last)
+          const float floor = last_relu ? 0.f : -std::numeric_limits<float>::infinity();
           for (int j = 0; j < m; ++j) {
             float* o = sc_.outs[j] + col_out;
-            for (int c = 0; c < gc_out; ++c) {
-              const float v = o[c] + bias[c % NR + (c / NR) * NR];
-              o[c] = last_relu && v < 0.f ? 0.f : v;
-            }
+            for (int c = 0; c < gc_out; ++c) o[c] = std::max(o[c] + bias[c], floor);
           }
         }
         return;
@@ -517,22 +537,18 @@ at::Tensor refine_stage_native(const at::Tensor& x_in, const at::Tensor& masks_i
         sc_.src.assign(static_cast<size_t>(tiles) * w.taps * MR, zeros);
         for (int jg = 0; jg < gpm; ++jg) {
           const int og = it.group * gpm + jg;
+          const size_t in_off = static_cast<size_t>(og) * w.cin;
           for (int j = 0; j < m; ++j) {
             const int tl = j / MR, r = j % MR;
-            int y = 0, x = 0;
-            if (ci == 1) geo.pixel(it.cell, it.begin + j, y, x);
-            for (int t = 0; t < w.taps; ++t) {
-              const float* s = zeros;
-              if (ci == 1) {  // reads the compact rows of phase A
-                int yy, xx;
-                const int rk = neighbour(it.image, it.group, y, x, t, w.kernel, yy, xx);
-                if (rk >= 0)
-                  s = hp + (static_cast<int64_t>(rk) * geo.pp + geo.local_of(yy, xx) + 1) * c1 +
-                      static_cast<size_t>(og) * w.cin;
-              } else {
-                s = in_base + static_cast<size_t>(j) * in_stride + jg * w.cin;
-              }
-              sc_.src[(static_cast<size_t>(tl) * w.taps + t) * MR + r] = s;
+            const float** dst = sc_.src.data() + static_cast<size_t>(tl) * w.taps * MR + r;
+            if (ci == 1) {  // reads the compact rows of phase A (neighbouring patches too)
+              int y, x;
+              geo.pixel(it.cell, it.begin + j, y, x);
+              taps_of(it.image, it.group, y, x, w.kernel, dst, [&](int rk, int, int, int local) {
+                return hp + (static_cast<int64_t>(rk) * geo.pp + local + 1) * c1 + in_off;
+              });
+            } else {
+              *dst = in_base + static_cast<size_t>(j) * in_stride + jg * w.cin;
             }
           }
           if (!is_last) {

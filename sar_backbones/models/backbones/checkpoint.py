@@ -229,7 +229,11 @@ def describe_mismatch(model: nn.Module, state: Mapping[str, Any],
     expected = {k: v for k, v in model.state_dict().items() if not _is_extra_state(k)}
     missing = [k for k in expected if k not in state
                and not (ignore_missing and k.endswith(ignore_missing))]
-    unexpected = [k for k in state if k not in expected and not _is_extra_state(k)]
+    # Keys a backbone leaves out by construction (e.g. SAR-MobileNetV2's last
+    # 1x1 conv when no output needs it) are not a mismatch.
+    unused = tuple(getattr(model, 'unused_checkpoint_prefixes', ()))
+    unexpected = [k for k in state if k not in expected and not _is_extra_state(k)
+                  and not (unused and k.startswith(unused))]
     shapes = [f'{k}: checkpoint {_shape(state[k])} vs model {tuple(v.shape)}'
               for k, v in expected.items() if k in state and _shape(state[k]) != tuple(v.shape)]
     lines = []

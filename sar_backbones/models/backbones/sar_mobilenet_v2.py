@@ -18,8 +18,8 @@ from ..layers.blocks import folded_conv
 from ..layers.gumbel import check_temperature
 from ..layers.inverted_residual import InvertedResidual, activation_clamp
 from ..layers.inverted_residual_stage import SARInvertedResidualStage
-from .arguments import (InvalidArgumentError, check_conv_cfg, check_norm_cfg, check_target_rate,
-                        per_stage, require_int, require_int_sequence)
+from .arguments import (InvalidArgumentError, check_conv_cfg, check_norm_cfg, check_rate_options,
+                        check_target_rate, per_stage, require_int, require_int_sequence)
 from .checkpoint import check_backbone_state_dict, extract_state_dict, load_checkpoint_file
 from .sar_resnet import ForwardRecord, SARResNet
 
@@ -114,6 +114,10 @@ class SARMobileNetV2(SARResNet):
         rate_loss (str): ``'batch'`` (Eq. 10) or ``'sample'`` (Eq. 11).
         rate_loss_weight (float): ``lambda``. Defaults to 1.
         temperature (float): Initial Gumbel-softmax temperature ``tau``.
+        deterministic_rate_weight (float): ``lambda_det`` of SAR-ResNet's
+            optional rate loss on the noise-free decisions (ours, not the
+            paper's; see :class:`SARResNet`). Defaults to 0.
+        deterministic_rate_tau (float): Its relaxation temperature. Defaults to 1.
         strides (Sequence[int]): Stride of the first block of each of the 7
             layers (mmseg). Defaults to (1, 2, 2, 2, 1, 2, 1).
         dilations (Sequence[int]): Dilation of the first block of each layer.
@@ -155,6 +159,8 @@ class SARMobileNetV2(SARResNet):
                  rate_loss: str = 'batch',
                  rate_loss_weight: float = 1.0,
                  temperature: float = 1.0,
+                 deterministic_rate_weight: float = 0.0,
+                 deterministic_rate_tau: float = 1.0,
                  strides: Sequence[int] = (1, 2, 2, 2, 1, 2, 1),
                  dilations: Sequence[int] = (1, 1, 1, 1, 1, 1, 1),
                  out_indices: Sequence[int] = (7, ),
@@ -197,6 +203,9 @@ class SARMobileNetV2(SARResNet):
         self.patch_size = options['patch_sizes'] if patch_size is not None else None
         self.rate_loss = rate_loss
         self.rate_loss_weight = rate_loss_weight
+        self.deterministic_rate_weight, self.deterministic_rate_tau = check_rate_options(
+            deterministic_rate_weight=deterministic_rate_weight,
+            deterministic_rate_tau=deterministic_rate_tau)
         self._target_rate = float(target_rate)
         self._temperature = float(temperature)
         self.strides = tuple(strides)
@@ -470,7 +479,7 @@ class SARMobileNetV2(SARResNet):
                 x = layer(x)
             if index in self.out_indices:
                 outs.append(x)
-        self._record = ForwardRecord(tuple(masks), input_finite)
+        self._record = ForwardRecord(tuple(masks), input_finite, self._take_margins(len(masks)))
         return tuple(outs)
 
     # ------------------------------------------------------------ deploy

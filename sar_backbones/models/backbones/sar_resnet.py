@@ -634,7 +634,8 @@ class SARResNet(ArchitectureCheckedLoading, BaseModule):
                     raise FloatingPointError(
                         'the input of the last training forward contains NaN or inf, so every '
                         'region mask was sampled from NaN logits and the activation-rate loss '
-                        f'({loss.item()}) is meaningless; check the data pipeline and the loss scale')
+                        f'({loss.item()}) is meaningless; check the data pipeline and the loss '
+                        'scale')
                 raise FloatingPointError(
                     f'the activation-rate loss is {loss.item()} (rates finite: '
                     f'{bool(torch.isfinite(rates).all())}); check the input and the learning rate')

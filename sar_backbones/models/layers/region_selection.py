@@ -187,7 +187,11 @@ class RegionSelectors(nn.ModuleList):
     name = 'selectors'
 
     def switch_to_deploy(self) -> 'StackedRegionSelectors':
-        """The selectors stacked into one module, BatchNorm folded (:class:`StackedRegionSelectors`)."""
+        """The selectors stacked into one module, BatchNorm folded.
+
+        Returns:
+            StackedRegionSelectors: The deployed selectors.
+        """
         return StackedRegionSelectors(self)
 
     def can_stack(self) -> bool:

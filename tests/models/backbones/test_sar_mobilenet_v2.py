@@ -123,6 +123,21 @@ def test_gradients_reach_every_parameter():
     assert not missing
 
 
+def test_deterministic_rate_loss_is_shared_with_sar_resnet():
+    torch.manual_seed(0)
+    model = SARMobileNetV2(**TINY, out_indices=(4, ), deterministic_rate_weight=0.5).train()
+    model(torch.randn(2, 3, 33, 35))
+    losses = model.get_aux_losses()
+    det = model.get_deterministic_rates()
+    assert det.shape == (2, 8) and bool((det == 1).all())  # selectors start selecting all
+    expected = 0.5 * ((det.mean(0) - model.target_rate)**2).mean()
+    torch.testing.assert_close(losses['loss_act_rate_det'], expected)
+    losses['loss_act_rate_det'].backward()
+    assert model.layer2.selectors[0].fc.bias.grad is not None
+    with pytest.raises(InvalidArgumentError, match='deterministic_rate_weight'):
+        SARMobileNetV2(**TINY, deterministic_rate_weight=-1)
+
+
 def test_with_cp_replays_masks_and_matches_plain_training():
     x = torch.randn(2, 3, 33, 35)
     results = []
