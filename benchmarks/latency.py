@@ -13,7 +13,9 @@ same input:
   checkpoint is given).
 
 The SAR models are folded or not according to ``bn_fold``: ``'both'`` folds
-BN on both sides and compares SAR with ``resnet{d}+fold``; ``'neither'``
+BN on both sides (SAR: deployed, ``switch_to_deploy()``, which also prepacks
+the refine weights for the native kernel) and compares SAR with
+``resnet{d}+fold``; ``'neither'``
 folds nothing outside the sparse refine path (which always runs on folded
 weights, part of the method) and compares with ``resnet{d}``. The other
 ResNet is timed too, for reference. FLOPs follow the paper's convention
@@ -41,6 +43,7 @@ from benchmarks.timing import (conv_backend, interleaved_timing, machine_info, m
                                profile_ops, set_threads, summarize)
 from sar_backbones.analysis import count_macs, model_complexity
 from sar_backbones.inference import native
+from sar_backbones.inference.deploy import deploy_backbone
 from sar_backbones.models.backbones import SARResNet
 from sar_backbones.models.layers.blocks import fold_conv_norm
 from tools.analysis.model_builders import (DEFAULT_PATCH_GRID, DEFAULT_PATCH_SIZE,
@@ -172,6 +175,24 @@ def _prepare(model: nn.Module, fold: bool, channels_last: bool) -> nn.Module:
     return model
 
 
+def _prepare_sar(model: nn.Module, deploy: bool, channels_last: bool) -> Tuple[nn.Module, float]:
+    """An eval copy of a SAR backbone, deployed when ``deploy``; and the deploy time (s).
+
+    Deploying (``switch_to_deploy()``: BN folded, refine weights prepacked in
+    the native kernel's layout) is what makes SAR fast; it comes after the
+    ``channels_last`` conversion, which would re-layout the prepacked weights.
+    """
+    model = copy.deepcopy(model).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    seconds = 0.0
+    if deploy:
+        start = time.perf_counter()
+        deploy_backbone(model)
+        seconds = time.perf_counter() - start
+    return model, seconds
+
+
 def _sar_call(model: SARResNet, x: Tensor, mode: str, rate: Optional[float],
               seed: int, kernel: Optional[str] = None) -> Callable[[], object]:
     """One forward in ``mode`` at ``rate``; ``kernel``: the refine op implementation to use."""
@@ -200,22 +221,18 @@ def _compiled_models(cfg: LatencyConfig, resnets: Dict[int, Dict[str, nn.Module]
                      sars: Dict[int, SARResNet], meta: dict) -> Dict[int, Dict[str, nn.Module]]:
     """``torch.compile`` of the BN-folded ResNet and of a deployed copy of each SAR model.
 
-    Compilation itself happens on the first call (timed in :func:`_time_compilation`);
-    the deploy time goes to ``meta['deploy_s']``.
+    ``sars``: the built (undeployed) SAR models. Compilation itself happens on
+    the first call (timed in :func:`_time_compilation`); the deploy time goes
+    to ``meta['deploy_s']``.
     """
     import torch._dynamo
-
-    from sar_backbones.inference.deploy import deploy_backbone
 
     # One graph per (mode, rate, size) of the same SAR forward: allow them all.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     compiled = {}
     meta['deploy_s'] = {}
     for depth, sar in sars.items():
-        deployed = copy.deepcopy(sar).eval()
-        start = time.perf_counter()
-        deploy_backbone(deployed)
-        meta['deploy_s'][str(depth)] = time.perf_counter() - start
+        deployed, meta['deploy_s'][str(depth)] = _prepare_sar(sar, True, cfg.channels_last)
         resnet = copy.deepcopy(resnets[depth][f'resnet{depth}+fold'])
         compiled[depth] = dict(resnet=torch.compile(resnet), sar=torch.compile(deployed),
                                deployed=deployed)
@@ -295,6 +312,7 @@ def _run_latency_benchmark(cfg: LatencyConfig, log: Callable[[str], None]) -> Di
     torch.manual_seed(cfg.seed)
     resnets: Dict[int, Dict[str, nn.Module]] = {}
     sars: Dict[int, SARResNet] = {}
+    built_sars: Dict[int, SARResNet] = {}
     all_depths = list(cfg.depths)
     for extra in cfg.depths_by_size.values():
         all_depths += [d for d in extra if d not in all_depths]
@@ -305,11 +323,14 @@ def _run_latency_benchmark(cfg: LatencyConfig, log: Callable[[str], None]) -> Di
             f'resnet{depth}+fold': _prepare(plain, True, cfg.channels_last)}
         sar = build_preset_backbone(preset_name(depth, groups, base_stride, alpha, beta),
                                     patch_grid=cfg.patch_grid)
-        sars[depth] = _prepare(sar, fold_sar, cfg.channels_last)
-    learned = None
+        built_sars[depth] = sar
+        # Folding BN on the SAR side = deploying it (eager rows too: the fast path).
+        sars[depth] = _prepare_sar(sar, fold_sar, cfg.channels_last)[0]
+    learned = learned_counted = None
     if cfg.learned_backbone is not None:
-        learned = _prepare(cfg.learned_backbone, fold_sar, cfg.channels_last)
-    compiled = _compiled_models(cfg, resnets, sars, meta) if cfg.compile else {}
+        learned = _prepare_sar(cfg.learned_backbone, fold_sar, cfg.channels_last)[0]
+        learned_counted = cfg.learned_backbone.eval()
+    compiled = _compiled_models(cfg, resnets, built_sars, meta) if cfg.compile else {}
 
     ref_suffix = '+fold' if fold_sar else ''
     profile_jobs: list = []
@@ -327,6 +348,10 @@ def _run_latency_benchmark(cfg: LatencyConfig, log: Callable[[str], None]) -> Di
             for depth in cfg.depths_by_size.get(key, cfg.depths):
                 sar = sars[depth]
                 _set_patches(sar, patch['patch_grid'], patch['patch_size'])
+                # FLOPs are counted on the undeployed model (the MAC counter does not
+                # know the deployed form: stacked selectors, prepacked weights).
+                counted = built_sars[depth].eval()
+                _set_patches(counted, patch['patch_grid'], patch['patch_size'])
                 cases: 'OrderedDict[str, Callable[[], object]]' = OrderedDict()
                 info: Dict[str, dict] = {}
                 for name, model in resnets[depth].items():
@@ -395,7 +420,7 @@ def _run_latency_benchmark(cfg: LatencyConfig, log: Callable[[str], None]) -> Di
                             _sar_call(sar, x, 'dense', r, cfg.seed)()
                             actual.append(sar.get_activation_rates().double().mean(0))
                         rates_t = torch.stack(actual)
-                        comp = model_complexity(sar, (3, *size), activation_rate=rates_t)
+                        comp = model_complexity(counted, (3, *size), activation_rate=rates_t)
                         resnet_macs = count_macs(resnets[depth][f'resnet{depth}'], (3, *size))[0]
                         entry = dict(resnet=resnet_macs, sar_static=comp['flops_static'],
                                      sar_dense=comp['flops_dense'],
@@ -407,7 +432,8 @@ def _run_latency_benchmark(cfg: LatencyConfig, log: Callable[[str], None]) -> Di
                             learned.set_mask_override(None)
                             learned(lx)
                             rates = learned.get_activation_rates()
-                            lcomp = model_complexity(learned, (3, *size), activation_rate=rates)
+                            lcomp = model_complexity(learned_counted, (3, *size),
+                                                     activation_rate=rates)
                             entry['learned'] = lcomp['flops']
                             entry['learned_rate'] = lcomp['activation_rate']
                             entry['learned_stage_rates'] = [
@@ -425,7 +451,7 @@ def _run_latency_benchmark(cfg: LatencyConfig, log: Callable[[str], None]) -> Di
                         per_stage += _per_stage(
                             cfg, resnets[depth], sar, learned if learned_here else None, x,
                             (cfg.learned_inputs or {}).get(size, x), key, count, depth,
-                            ref_suffix)
+                            ref_suffix, counted)
                     if cfg.profile and 'sparse' in cfg.modes:
                         # Profiled at the very end: a torch.profiler session leaves
                         # per-op overhead behind that would slow every later case
@@ -497,8 +523,13 @@ def _loadavg() -> Optional[List[float]]:
 
 def _per_stage(cfg: LatencyConfig, resnets: Dict[str, nn.Module], sar: SARResNet,
                learned: Optional[SARResNet], x: Tensor, lx: Tensor, key: str, threads: int,
-               depth: int, ref_suffix: str) -> List[dict]:
-    """Per-part medians (ms) for the reference ResNet and each SAR case."""
+               depth: int, ref_suffix: str, counted: Optional[SARResNet] = None) -> List[dict]:
+    """Per-part medians (ms) for the reference ResNet and each SAR case.
+
+    ``counted``: the undeployed twin of ``sar`` whose MACs are counted (the
+    MAC counter does not know the deployed form); None: ``sar`` itself.
+    """
+    counted = sar if counted is None else counted
     out = []
     resnet_name = f'resnet{depth}{ref_suffix}'
     resnet = resnets[resnet_name]
@@ -508,7 +539,7 @@ def _per_stage(cfg: LatencyConfig, resnets: Dict[str, nn.Module], sar: SARResNet
     macs = {resnet_name: part_macs(resnet, resnet_parts(resnet), shape)}
     rates = cfg.per_stage_rates if cfg.per_stage_rates is not None else cfg.rates
     for rate in rates:
-        rate_macs = part_macs(sar, sar_parts(sar), shape, rate)
+        rate_macs = part_macs(counted, sar_parts(counted), shape, rate)
         for mode in cfg.modes:
             name = f'sar{depth}-{mode}@{rate:.2f}'
             jobs.append((name, _sar_call(sar, x, mode, rate, cfg.seed), sar_parts(sar)))

@@ -122,7 +122,7 @@ def markdown(summary: dict, runs: List[dict], command: str, wall: float) -> str:
     stage_keys = sorted({k for stats in summary['tasks'].values() for k in stats
                          if k.startswith('stage')})
     head = ['Task', 'Target t'] + [f'Stage {k[5:-5]} rate' for k in stage_keys] + \
-        ['Worst |stage - t|', 'Same seed twice: largest difference']
+        ['Worst stage gap to t', 'Same seed twice: differences']
     lines += ['', 'Inference (deterministic) activation rate per SAR stage on the held-out '
               'split:', '', '| ' + ' | '.join(head) + ' |',
               '|' + '|'.join(' --- ' for _ in head) + '|']

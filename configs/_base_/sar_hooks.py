@@ -13,7 +13,14 @@ custom_hooks = [
         type='sar_backbones.SARTargetRateHook',
         mode='step',
         milestones=(30 / 110, 45 / 110, 60 / 110)),
-    # Mean activation rate and effective GFLOPs next to the val/test metrics.
+    # Not in the paper (issue 16), for short schedules whose inference rates
+    # miss t (see configs/demo/ and docs/demo_results.md): add
+    # dict(type='sar_backbones.SARGumbelNoiseHook', begin=0.6) and
+    # dict(type='sar_backbones.SARRateCalibrationHook', pipeline=test_pipeline),
+    # and the backbone option deterministic_rate_weight.
+    # Inference activation rates (mean, per stage, per block), the training
+    # rates since the last validation, and effective GFLOPs next to the
+    # val/test metrics.
     dict(type='sar_backbones.SARRateLoggerHook'),
     # Logged training rates averaged over all ranks, not rank 0's alone.
     dict(type='sar_backbones.SARRateSyncHook'),

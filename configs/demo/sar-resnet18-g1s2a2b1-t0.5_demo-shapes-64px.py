@@ -136,12 +136,16 @@ custom_hooks = [
     # or nothing at inference (held-out rates 0.57 / 0.65 instead of 0.47 /
     # 0.51 for seeds 1 / 0; see SARGumbelNoiseHook).
     dict(type='sar_backbones.SARGumbelNoiseHook', begin=0.6),
-    # Ours, not the paper's (issue 16): after the last iteration, shift each
-    # block's keep threshold so that its eval-mode masks on the last 16
-    # training batches select t of the patches, stage by stage (512 images);
-    # without it the held-out rates of a short run missed t by up to 0.5 in
-    # a stage (docs/demo_results.md). Before the checkpoint is saved.
-    dict(type='sar_backbones.SARRateCalibrationHook', num_batches=16),
+    # Ours, not the paper's (issue 16): after the last iteration, before the
+    # checkpoint is saved, shift each block's keep threshold so that its
+    # eval-mode masks on 16 batches of the training set, loaded as at test
+    # time, select t of the patches (stage by stage). Without it the held-out
+    # rates of short runs missed t by up to 0.45 in a stage
+    # (docs/demo_results.md, issue 16).
+    dict(
+        type='sar_backbones.SARRateCalibrationHook',
+        num_batches=16,
+        pipeline=test_pipeline),
     dict(type='sar_backbones.SARRateLoggerHook'),
     dict(type='sar_backbones.SARRateSyncHook'),
     dict(type='sar_backbones.SARNoiseSeedHook'),

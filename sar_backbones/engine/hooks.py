@@ -5,9 +5,13 @@
   rate loss from 1 down to the configured value.
 * :class:`SARGumbelNoiseHook` (short schedules, not in the paper) fades the
   Gumbel noise out at the end of training.
-* :class:`SARRateLoggerHook` reports the mean activation rate and the
-  resulting effective GFLOPs of the backbone after every val/test epoch, next
-  to mAP / mIoU / top-1.
+* :class:`SARRateCalibrationHook` (ours, not in the paper) sets every
+  block's inference threshold at the end of training so that its
+  deterministic rate on the last training batches is t.
+* :class:`SARRateLoggerHook` reports the mean, per-stage and per-block
+  activation rates of the inference masks and the resulting effective
+  GFLOPs of the backbone after every val/test epoch, next to mAP / mIoU /
+  top-1, and the training rates since the previous validation.
 
 The schedules are pure functions of ``runner.iter / runner.max_iters``:
 they keep no state of their own, so a resumed run sets exactly the values an
@@ -18,6 +22,7 @@ model by an earlier run (for example one that was interrupted), and the
 arguments of every hook are checked when it is built.
 """
 import bisect
+import copy
 import logging
 import math
 import numbers
@@ -451,28 +456,57 @@ class SARRateCalibrationHook(Hook):
     unchanged. Stage by stage, because a stage's masks change the input of
     the next stage's selectors. The shifts are logged.
 
+    Training batches carry the training augmentation (e.g. random resized
+    crops, where objects look larger than in the test's centre crops), which
+    moves the margins: give ``pipeline`` (the test pipeline) to calibrate on
+    ``num_batches`` batches of the training set loaded as inference loads
+    images instead (the training loader's config with this pipeline,
+    shuffled with a fixed seed).
+
     Args:
-        num_batches (int): Training batches to calibrate on (the last ones,
-            kept as the data loader gave them). Defaults to 16.
+        num_batches (int): Batches to calibrate on: the last training
+            batches, kept as the data loader gave them, or batches of the
+            training set through ``pipeline``. Defaults to 16.
         target (float, optional): The rate to calibrate to, in (0, 1].
             Defaults to None: the backbone's target rate ``t`` when training
             ends (the final target of :class:`SARTargetRateHook`).
+        pipeline (list[dict], optional): Data pipeline (usually the test
+            pipeline) of the training set for calibration. Defaults to None
+            (the last training batches).
+        batch_size (int, optional): Batch size with ``pipeline`` (e.g. 1
+            where the test pipeline gives images of different sizes that the
+            model's preprocessor does not pad in test mode). Defaults to
+            None: the training loader's.
 
     Example:
-        >>> custom_hooks = [dict(type='sar_backbones.SARRateCalibrationHook')]
+        >>> custom_hooks = [dict(type='sar_backbones.SARRateCalibrationHook',
+        ...                      pipeline=test_pipeline)]
     """
 
     # Before CheckpointHook ('VERY_LOW'), which saves in the same after_train_iter
     # / after_train_epoch call: the saved weights carry the calibration.
     priority = 'LOW'
 
-    def __init__(self, num_batches: int = 16, target: Optional[float] = None) -> None:
+    def __init__(self, num_batches: int = 16, target: Optional[float] = None,
+                 pipeline: Optional[Sequence[dict]] = None,
+                 batch_size: Optional[int] = None) -> None:
         if isinstance(num_batches, bool) or not isinstance(num_batches, numbers.Integral) \
                 or num_batches < 1:
             raise InvalidArgumentError(f'num_batches must be an int >= 1, got {num_batches!r}')
         self.num_batches = int(num_batches)
         self.target = None if target is None else check_number(
             target, 'target', 0., 1., low_open=True)
+        if pipeline is not None and (isinstance(pipeline, (str, bytes, dict))
+                                     or not isinstance(pipeline, Sequence)
+                                     or not all(isinstance(step, dict) for step in pipeline)):
+            raise InvalidArgumentError(f'pipeline must be None or a list of transform dicts, '
+                                       f'got {pipeline!r}')
+        self.pipeline = None if pipeline is None else [dict(step) for step in pipeline]
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(
+                batch_size, numbers.Integral) or batch_size < 1):
+            raise InvalidArgumentError(f'batch_size must be None or an int >= 1, got '
+                                       f'{batch_size!r}')
+        self.batch_size = batch_size
         self._batches: list = []
 
     def before_train(self, runner) -> None:
@@ -484,9 +518,30 @@ class SARRateCalibrationHook(Hook):
         left = runner.max_iters - runner.iter  # this iteration included
         if left > self.num_batches or data_batch is None:
             return
-        self._batches.append(data_batch)
+        if self.pipeline is None:
+            self._batches.append(data_batch)
         if left <= 1:
+            if self.pipeline is not None:
+                self._batches = self._load_batches(runner)
             self.calibrate(runner)
+
+    def _load_batches(self, runner) -> list:
+        """``num_batches`` batches of the training set through ``pipeline``."""
+        from mmengine.runner import Runner  # the runner module imports the hooks
+        train_cfg = getattr(runner, 'cfg', {}).get('train_dataloader')
+        if not isinstance(train_cfg, dict) or not isinstance(train_cfg.get('dataset'), dict):
+            raise TypeError('SARRateCalibrationHook(pipeline=...) rebuilds the training set from '
+                            'the config (train_dataloader.dataset must be a config dict); '
+                            'use pipeline=None to calibrate on the last training batches')
+        cfg = copy.deepcopy(train_cfg)
+        cfg['dataset']['pipeline'] = copy.deepcopy(self.pipeline)
+        cfg.update(num_workers=0, persistent_workers=False,
+                   sampler=dict(type='DefaultSampler', shuffle=True, seed=0))
+        cfg.pop('batch_sampler', None)
+        if self.batch_size is not None:
+            cfg['batch_size'] = self.batch_size
+        loader = Runner.build_dataloader(cfg, seed=0)
+        return [batch for batch, _ in zip(loader, range(self.num_batches))]
 
     def calibrate(self, runner) -> Dict[int, list]:
         """Calibrate the backbone of ``runner.model`` on the kept batches.
@@ -507,9 +562,11 @@ class SARRateCalibrationHook(Hook):
 
         shifts, before = calibrate_backbone(backbone, inputs, target, gather=_gather_margins)
         rounded = {index: [round(v, 3) for v in values] for index, values in shifts.items()}
+        source = ('training-set batches through the given pipeline' if self.pipeline
+                  else 'last training batches')
         print_log(f'SARRateCalibrationHook: keep-logit shift per masked block and group '
-                  f'{rounded} (eval-mode rates before: {before}; after: {target:g}, on the last '
-                  f'{len(batches)} training batches)', logger='current')
+                  f'{rounded} (eval-mode rates before: {before}; after: {target:g}, on '
+                  f'{len(batches)} {source})', logger='current')
         self._batches = []
         return shifts
 

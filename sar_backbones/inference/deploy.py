@@ -8,9 +8,17 @@ into its inference form, in place:
   conv + norm pair becomes one convolution with a bias and an
   ``nn.Identity``, so the deployed module's weights *are* the prepared state
   and nothing can go stale;
-* 3x3 weights are stored channels-last, the layout of the sparse path's
-  gathered windows; the refine blocks' grouped weights are used as they are
-  by the batched sparse kernels (one grouped product for all ``G`` groups);
+* the refine blocks' weights (CPU) are re-stored in the layout of the native
+  refine kernel (:func:`kernel_layout`: HWIO, ``(k, k, C_in/groups, C_out)``
+  in memory, the same ``(C_out, C_in/groups, k, k)`` tensor to everything
+  else): that is the weight prepacking, done once here. The kernel reads the
+  weights in place, so a forward packs nothing and caches nothing, and a
+  weight changed after deploying (in place or by ``load_state_dict``) is
+  used at once -- nothing can go stale, no new deploy is needed. The state
+  dict is unchanged (same keys, shapes and values). Undeployed models run
+  the kernel too, laying their folded weights out per call (the slow path);
+  other 3x3 weights are stored channels-last, the layout of the PyTorch
+  path's gathered windows;
 * the region selectors of a stage become one stacked module
   (:class:`~sar_backbones.models.layers.StackedRegionSelectors`).
 
@@ -22,13 +30,25 @@ dense masked function with the folded weights.
 """
 import torch
 import torch.nn as nn
+from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from sar_backbones.models.layers.blocks import ResidualBlock, folded_conv, is_plain_conv
 
 
-def _check_deployable(backbone: nn.Module) -> None:
-    """Refuse, before changing anything, what the deploy step cannot fold exactly."""
+def check_deployable(backbone: nn.Module) -> None:
+    """Refuse, before changing anything, what the deploy step cannot fold exactly.
+
+    Shared by every SAR backbone's ``switch_to_deploy()``.
+
+    Args:
+        backbone (nn.Module): The model to deploy.
+
+    Raises:
+        TypeError: a norm other than BatchNorm, a plugin or deformable block,
+            or a convolution other than a plain one is in the model.
+        ValueError: a parameter or buffer is NaN or infinite.
+    """
     for name, module in backbone.named_modules():
         if isinstance(module, (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)):
             raise TypeError(f'switch_to_deploy() folds BatchNorm into the convolutions; {name} is '
@@ -46,6 +66,35 @@ def _check_deployable(backbone: nn.Module) -> None:
                 raise ValueError(f'switch_to_deploy(): {kind} {name} holds NaN or inf; the model '
                                  'would compute garbage (a NaN selector refines nothing): '
                                  'check the checkpoint')
+
+
+_check_deployable = check_deployable  # the former private name
+
+
+def kernel_layout(weight: Tensor) -> Tensor:
+    """The same weight ``(C_out, C_in/groups, k, k)`` stored HWIO (the native kernel's layout).
+
+    The native refine kernel reads row ``(tap, input channel)`` of the GEMM
+    operand B as ``C_out`` contiguous floats, 16-column panels being column
+    ranges of it; this is that memory order, as a strided view.
+    """
+    return weight.detach().permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+
+
+def _prepack_refine_weights(stage: nn.Module) -> None:
+    """Store each refine block's folded weights (CPU only) in :func:`kernel_layout`.
+
+    CUDA weights keep their layout: the sparse path there is PyTorch's,
+    for which a non-standard layout would cost a copy per call.
+    """
+    for block in stage.refine_blocks:
+        convs = [conv for conv, _ in block.convs_and_norms]
+        if block.shortcut is not None:
+            convs.append(block.shortcut[1])
+        for conv in convs:
+            if conv.weight.device.type == 'cpu':
+                conv.weight = nn.Parameter(kernel_layout(conv.weight),
+                                           requires_grad=conv.weight.requires_grad)
 
 
 def _fold_stem(backbone: nn.Module) -> None:
@@ -75,11 +124,12 @@ def deploy_backbone(backbone: nn.Module) -> None:
         return
     if backbone.training:
         raise RuntimeError('switch_to_deploy() needs an eval model: call .eval() first')
-    _check_deployable(backbone)
+    check_deployable(backbone)
     _fold_stem(backbone)
     for index, stage in enumerate(backbone.sar_stages, start=1):
         stage.set_name(f'layer{index}')
         stage.switch_to_deploy()
+        _prepack_refine_weights(stage)
     for block in backbone.layer4:
         block.switch_to_deploy()
     left = [name for name, module in backbone.named_modules() if isinstance(module, _BatchNorm)]

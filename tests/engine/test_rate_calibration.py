@@ -88,7 +88,8 @@ def test_calibration_hook_sets_eval_rates_of_the_last_batches_to_target(tmp_path
     # The checkpoint of the last epoch carries the calibrated thresholds.
     state = torch.load(tmp_path / 'epoch_4.pth', map_location='cpu', weights_only=False)
     key = 'backbone.layer1.selectors.0.fc.bias'
-    assert torch.equal(state['state_dict'][key], backbone.state_dict()['layer1.selectors.0.fc.bias'])
+    assert torch.equal(state['state_dict'][key],
+                       backbone.state_dict()['layer1.selectors.0.fc.bias'])
 
 
 @pytest.mark.parametrize('kwargs, name', [
@@ -98,7 +99,20 @@ def test_calibration_hook_sets_eval_rates_of_the_last_batches_to_target(tmp_path
     (dict(target=0.), 'target'),
     (dict(target=1.5), 'target'),
     (dict(target='0.5'), 'target'),
+    (dict(pipeline=dict(type='LoadImageFromFile')), 'pipeline'),
+    (dict(pipeline=['LoadImageFromFile']), 'pipeline'),
+    (dict(batch_size=0), 'batch_size'),
 ])
 def test_calibration_hook_arguments_are_checked(kwargs, name):
     with pytest.raises((TypeError, ValueError), match=name):
         SARRateCalibrationHook(**kwargs)
+
+
+def test_calibration_with_a_pipeline_needs_the_training_set_as_config(tmp_path):
+    # The toy runner's training set is a Dataset object: it cannot be reloaded
+    # through another pipeline, which must be said, not silently skipped.
+    runner = make_runner(tmp_path, RecordHook(), extra_hooks=[dict(
+        type='sar_backbones.SARRateCalibrationHook', num_batches=1,
+        pipeline=[dict(type='PackInputs')])])
+    with pytest.raises(TypeError, match='train_dataloader.dataset must be a config dict'):
+        runner.train()

@@ -3,6 +3,8 @@ the dense masked path, through ``switch_to_deploy()``.
 
 The native library is built by ``scripts/install.sh``; these tests fail (never skip) without it.
 """
+import os
+import os.path as osp
 import warnings
 
 import pytest
@@ -133,15 +135,40 @@ def test_native_op_input_layouts_and_output_strides(channels_last):
     assert torch.equal(x, before)  # the input is never written (identity blocks work on a copy)
 
 
-def test_native_repacks_weights_changed_in_place():
-    model = deployed_copy(eval_model(seed=35, **NARROW_50))
-    x, masks, weights, *rest = _stage_call(model, torch.randn(1, 3, 64, 64))
+def test_deploy_prepacks_the_weights_in_place_of_the_state():
+    """Deployed refine weights are stored in the kernel's layout, read in place: no packed copy
+    that could go stale, and the state dict (keys, values) is what it was."""
+    model = eval_model(seed=35, **NARROW_50)
+    deployed = deployed_copy(model)
+    reference = deployed_copy(model)
+    for stage in deployed.sar_stages:
+        for block in stage.refine_blocks:
+            for conv, _ in block.convs_and_norms:
+                assert conv.weight.permute(2, 3, 1, 0).is_contiguous()  # HWIO
+    state = {key: value.clone() for key, value in deployed.state_dict().items()}
+    assert state.keys() == reference.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in reference.state_dict().items())
+    x, masks, weights, *rest = _stage_call(deployed, torch.randn(1, 3, 64, 64))
+    assert weights[1] is deployed.layer1.refine_blocks[0].conv2.weight  # no copy
     first = native.refine_stage(x, masks, weights, *rest)
     with torch.no_grad():
-        weights[1].mul_(1.5)  # the cached packed copy is stale now
+        weights[1].mul_(1.5)
     second = native.refine_stage(x, masks, weights, *rest)
     assert relative_error(second, refine_stage(x, masks, weights, *rest)) < 1e-4
     assert (second - first).abs().max() > 1e-3
+    deployed.load_state_dict(state)  # copies into the prepacked weights: layout kept
+    assert deployed.layer1.refine_blocks[0].conv2.weight.permute(2, 3, 1, 0).is_contiguous()
+    assert relative_error(native.refine_stage(x, masks, weights, *rest), first) < 1e-6
+
+
+def test_undeployed_model_runs_native_with_weights_laid_out_per_call(monkeypatch):
+    model = eval_model(seed=37, **NARROW_50)
+    x = torch.randn(1, 3, 61, 66)
+    dense, _ = forward(model, x, 'dense')
+    native_outs, _ = _sparse_outputs(model, x, 'native', monkeypatch)
+    torch_outs, _ = _sparse_outputs(model, x, 'torch', monkeypatch)
+    assert_close(native_outs, dense)
+    assert_close(native_outs, torch_outs)
 
 
 def test_kernel_choice_is_checked(monkeypatch):
@@ -172,4 +199,36 @@ def test_unbuilt_library_falls_back_with_one_warning_or_fails_when_forced(monkey
         forward(model, x)
     native.set_refine_kernel('native')
     with pytest.raises(RuntimeError, match='python -m sar_backbones.inference.native build'):
+        forward(model, x)
+
+
+def test_unloadable_library_falls_back_with_one_warning_or_fails_when_forced(
+        tmp_path, monkeypatch):
+    """A library file that exists but cannot be loaded (half-built, another torch): with
+    ``auto`` the PyTorch path runs after one warning naming the build command."""
+    monkeypatch.setenv(native.ENV_DIR, str(tmp_path))
+    path = native.library_path()
+    assert path.startswith(str(tmp_path))
+    native_dir = osp.dirname(path)
+    os.makedirs(native_dir)
+    with open(path, 'wb') as f:
+        f.write(b'\x7fELF half-written')
+    monkeypatch.setattr(native, '_loaded', None)  # not tried yet in this "process"
+    monkeypatch.setattr(native, '_load_error', None)
+    monkeypatch.setattr(native, '_warned', False)
+    model = deployed_copy(eval_model(seed=38))
+    x = torch.randn(1, 3, 64, 64)
+    expected, _ = forward(model, x, 'dense')
+    with monkeypatch.context() as patch:
+        patch.setattr(native, 'refine_stage', _forbidden)
+        with pytest.warns(RuntimeWarning, match='cannot be loaded') as record:
+            outs, _ = forward(model, x)
+        assert native.BUILD_COMMAND in str(record[0].message)
+        assert_close(outs, expected)
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')  # only once
+            forward(model, x)
+    assert not native.load() and 'cannot be loaded' in native.load_error()
+    native.set_refine_kernel('native')
+    with pytest.raises(RuntimeError, match='SAR_REFINE_KERNEL=native.*cannot be loaded'):
         forward(model, x)

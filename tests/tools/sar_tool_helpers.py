@@ -1,7 +1,8 @@
 """Helpers of the tool tests: a config for tiny ImageNet-style data."""
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from ..script_loading import REPO
+
 CONFIGS = REPO / 'configs'
 
 TINY_CLS_CONFIG = """_base_ = {base!r}

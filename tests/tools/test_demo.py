@@ -16,7 +16,6 @@ from PIL import Image
 
 from ..script_loading import load_script
 
-REPO = Path(__file__).resolve().parents[2]
 TASKS = ('classification', 'detection', 'segmentation')
 METRIC_KEYS = dict(classification='accuracy/top1', detection='coco/bbox_mAP',
                    segmentation='mIoU')

@@ -19,6 +19,9 @@ Examples:
     # the fused native refine op against the PyTorch fallback, eager and compiled
     python tools/analysis/benchmark_latency.py --depths 50 --sizes 224x224 --threads 1 \\
         --rates 0.5 --refine-kernel native torch --compile --freezing
+    # SAR-ResNeXt-50 / SAR-MobileNetV2 (deployed, dense and sparse) vs their plain counterparts
+    python tools/analysis/benchmark_latency.py --arch mobilenet-v2 --sizes 224x224 \
+        --threads 1 --rates 0.2 0.5 1.0
     # with the masks of a trained classifier on real images
     python tools/analysis/benchmark_latency.py --depths 50 --sizes 224x224 \\
         --config configs/sar_resnet/sar-resnet50-g2s2a2b1-t0.5_8xb32_in1k.py \\
@@ -37,6 +40,7 @@ from sar_backbones.utils.cli import (MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, ArgumentPar
 
 # The tools' shared modules import from the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.arch_latency import ARCHS, format_arch_report, run_arch_benchmark  # noqa: E402
 from benchmarks.latency import (LatencyConfig, run_latency_benchmark, save_report,  # noqa: E402
                                 target_summary)
 from benchmarks.timing import machine_info  # noqa: E402
@@ -49,6 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Parse and check the command line; a mistake exits 2 with one line naming the argument."""
     p = ArgumentParser(description=__doc__.split('\n\n')[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--arch', default='resnet', choices=['resnet', *ARCHS],
+                   help='resnet: SAR-ResNet-{depths} vs torchvision ResNets (the full '
+                        'benchmark); resnext50-32x4d / mobilenet-v2: that SAR backbone (default '
+                        'SAR options, deployed) dense and sparse vs its plain counterpart, at '
+                        '--sizes, --threads, --rates')
     p.add_argument('--depths', type=int, nargs='+', default=[18, 34, 50], choices=DEPTHS)
     p.add_argument('--sizes', type=size_in(MIN_IMAGE_SIDE, MAX_IMAGE_SIDE), nargs='+',
                    default=[(224, 224), (800, 1216)], help='HxW or H')
@@ -139,8 +148,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                     f'`{native.BUILD_COMMAND}`')
     if args.per_stage_rates and not args.per_stage:
         p.error('argument --per-stage-rates: needs --per-stage')
+    if args.arch != 'resnet':
+        for option, given in (('--compile', args.compile), ('--per-stage', args.per_stage),
+                              ('--profile', args.profile), ('--checkpoint', args.checkpoint),
+                              ('--channels-last', args.channels_last),
+                              ('--bn-fold', args.bn_fold != 'both')):
+            if given:
+                p.error(f'argument {option}: only with --arch resnet')
     if args.out is None:
-        args.out = osp.join('benchmarks', 'results', f'latency_{machine_tag()}.json')
+        arch = '' if args.arch == 'resnet' else f'{args.arch}_'
+        args.out = osp.join('benchmarks', 'results', f'latency_{arch}{machine_tag()}.json')
     inputs = [('--config', args.config), ('--checkpoint', args.checkpoint),
               ('--images', args.images)]
     check_inputs_exist(p, inputs)
@@ -190,10 +207,40 @@ def render(path: str) -> dict:
     return report
 
 
+def run_arch(args: argparse.Namespace, argv=None) -> dict:
+    """``--arch resnext50-32x4d | mobilenet-v2``: :mod:`benchmarks.arch_latency`."""
+    import datetime
+    import json
+
+    report = run_arch_benchmark(args.arch, [tuple(size) for size in args.sizes], args.threads,
+                                args.rates, args.reps, args.warmup, args.seed,
+                                log=lambda line: print(line, flush=True))
+    sar = next(row['model'] for row in report['rows'] if row['case'] != 'plain')
+    plain = next(row['model'] for row in report['rows'] if row['case'] == 'plain')
+    report['meta'] = dict(
+        machine_info(), date=datetime.datetime.now().isoformat(timespec='seconds'),
+        command='python tools/analysis/benchmark_latency.py ' + ' '.join(
+            sys.argv[1:] if argv is None else argv),
+        arch=args.arch, sar=sar, plain=plain, reps=args.reps, warmup=args.warmup,
+        seed=args.seed)
+    report = dict(meta=report.pop('meta'), **report)
+    md = osp.splitext(args.out)[0] + '.md'
+    with open(args.out, 'w') as f:
+        json.dump(report, f, indent=1)
+    markdown = format_arch_report(report)
+    with open(md, 'w') as f:
+        f.write(markdown)
+    print(markdown)
+    print(f'wrote {args.out} and {md}')
+    return report
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.render:
         return render(args.render)
+    if args.arch != 'resnet':
+        return run_arch(args, argv)
     sizes = [tuple(size) for size in args.sizes]
     reps_by_size = {}
     if args.reps_large is not None:

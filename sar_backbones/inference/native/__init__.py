@@ -3,13 +3,17 @@
 ``refine.cpp`` implements ``sar_native::refine_stage``, the same function as
 :func:`sar_backbones.inference.sparse.refine_stage` in one C++ call per stage
 (gather fused into the first convolution, bias + ReLU into every epilogue,
-residual add + scatter into the last one, weights packed once per tensor).
+residual add + scatter into the last one). It reads the weights in place in
+the layout ``switch_to_deploy()`` gives them (the prepacking, once, at
+deploy: :func:`sar_backbones.inference.deploy.kernel_layout`); models that
+were not deployed run it too, their folded weights laid out per call.
 It is compiled once by ``scripts/install.sh`` (``python -m
 sar_backbones.inference.native build``) into a cache directory keyed by the
 source, the torch version and the CPU's vector extensions; importing the
 package never compiles. At run time the library is loaded on the first CPU
-float32 call if it is built; otherwise the PyTorch implementation runs (with
-one warning naming the build command).
+float32 call if it is built; otherwise -- or when the file exists but cannot
+be loaded (a half-built library, one built against another torch) -- the
+PyTorch implementation runs, with one warning naming the build command.
 
 Which implementation runs (for benchmarks and tests): the environment
 variable ``SAR_REFINE_KERNEL`` = ``auto`` (default: native where built and
@@ -37,6 +41,7 @@ _CPU_FLAGS = ('avx', 'avx2', 'fma', 'f16c', 'avx512f')
 
 _override: Optional[str] = None
 _loaded: Optional[bool] = None  # None: not tried yet
+_load_error: Optional[str] = None
 _warned = False
 
 
@@ -99,14 +104,38 @@ def build(verbose: bool = False) -> str:
 
 
 def load() -> bool:
-    """Load the built library once (never compiles); whether ``sar_native::refine_stage`` exists."""
-    global _loaded
+    """Load the built library once (never compiles); whether ``sar_native::refine_stage`` exists.
+
+    A library that exists but cannot be loaded (half-built, built against
+    another torch: ``OSError``/``RuntimeError`` from the loader) counts as not
+    built; :func:`load_error` says why.
+    """
+    global _loaded, _load_error
     if _loaded is None:
         path = library_path()
+        _loaded = False
         if osp.exists(path):
-            torch.ops.load_library(path)
-        _loaded = hasattr(torch.ops.sar_native, 'refine_stage') if osp.exists(path) else False
+            try:
+                torch.ops.load_library(path)
+                _loaded = hasattr(torch.ops.sar_native, 'refine_stage')
+                if not _loaded:
+                    _load_error = 'it does not define sar_native::refine_stage'
+            except (OSError, RuntimeError) as error:
+                _load_error = f'it cannot be loaded ({type(error).__name__}: {error})'
+        else:
+            _load_error = 'it is not built'
     return _loaded
+
+
+def load_error() -> Optional[str]:
+    """Why :func:`load` found no kernel (None when it did or was not called yet)."""
+    return None if _loaded else _load_error
+
+
+def _not_available() -> str:
+    return (f'the native refine kernel of sar_backbones at {library_path()} is not usable: '
+            f'{load_error() or "it is not built"}. Build it with `{BUILD_COMMAND}` '
+            '(scripts/install.sh does)')
 
 
 def set_refine_kernel(kernel: Optional[str]) -> None:
@@ -139,14 +168,11 @@ def use_native(x: Tensor) -> bool:
     if load():
         return True
     if kernel == 'native':
-        raise RuntimeError(f'{ENV_KERNEL}=native but the native refine kernel is not built for '
-                           f'this source, torch and CPU ({library_path()}): run `{BUILD_COMMAND}` '
-                           '(scripts/install.sh does)')
+        raise RuntimeError(f'{ENV_KERNEL}=native: {_not_available()}')
     if not _warned:
         _warned = True
-        warnings.warn('the native refine kernel of sar_backbones is not built; the sparse path '
-                      f'runs the slower PyTorch implementation. Build it with `{BUILD_COMMAND}` '
-                      '(scripts/install.sh does)', RuntimeWarning, stacklevel=3)
+        warnings.warn(f'{_not_available()}; the sparse path runs the slower PyTorch '
+                      'implementation meanwhile', RuntimeWarning, stacklevel=3)
     return False
 
 
@@ -175,7 +201,6 @@ def refine_stage(x: Tensor, masks: Tensor, weights: List[Tensor], biases: List[T
                  dilation: int) -> Tensor:
     """``sar_native::refine_stage``; an error naming the build command when it is not built."""
     if not load():
-        raise RuntimeError(f'the native refine kernel is not built ({library_path()}): run '
-                           f'`{BUILD_COMMAND}` (scripts/install.sh does)')
+        raise RuntimeError(_not_available())
     return torch.ops.sar_native.refine_stage(x, masks, weights, biases, convs_per_block,
                                              shortcuts, last_relus, dilation)

@@ -13,8 +13,9 @@
 //   convolution the residual add (identity) or the projection shortcut (a
 //   second K segment accumulated into the same registers), b_last, the ReLU and
 //   the scatter to the pixel rows of the block output;
-// * weights are packed once per weight tensor (cached by tensor and version)
-//   into 16-column panels per output group;
+// * weights are read in place in the HWIO layout that switch_to_deploy() gives
+//   them (16-column panels are column ranges of it): no packing, no cache at
+//   run time; weights in another layout (undeployed models) are laid out per call;
 // * a block is two phases, each one parallel region over work items of both
 //   mask groups G: phase A runs the first convolution on every selected pixel
 //   into a compact buffer (the 3x3 that follows reads the first convolution's
@@ -31,7 +32,6 @@
 #include <limits>
 #include <memory>
 #include <mutex>
-#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -45,78 +45,58 @@ typedef float v8 __attribute__((vector_size(32), aligned(4), may_alias));
 inline v8 load8(const float* p) { return *reinterpret_cast<const v8*>(p); }
 inline void store8(float* p, v8 v) { *reinterpret_cast<v8*>(p) = v; }
 
-// ---------------------------------------------------------------- packed weights
-struct Packed {
-  int out_groups = 0;     // groups of output channels, packed separately
-  int cin = 0;            // input channels per output group (K per tap)
-  int cout = 0;           // output channels per output group
-  int taps = 0;           // kernel height * width (1 or 9)
-  int kernel = 0;         // kernel side
-  int panels = 0;         // ceil(cout / NR)
-  bool grouped_input = true;  // input channel offset = group * cin (else 0: full input)
-  std::vector<float> data;    // [group][panel][tap][k][NR], zero-padded columns
+// ---------------------------------------------------------------- weights
+// A convolution weight (C_out, C_in/groups, k, k) read in place as the GEMM B
+// operand: row (tap t, input channel k) of output column c at
+// data[(t * cin + k) * ldb + c] -- the HWIO layout (k, k, C_in/groups, C_out)
+// that switch_to_deploy() gives the refine weights (see deploy.py), so a
+// deployed forward packs nothing and caches nothing; the weights themselves are
+// the prepacked state and an in-place change shows at once. A weight in any
+// other layout (a model that was not deployed) is laid out per call.
+struct Weights {
+  at::Tensor holder;          // the HWIO tensor read (the weight itself when deployed)
+  const float* data = nullptr;
+  int64_t ldb = 0;            // C_out of all groups: the stride between B rows
+  int out_groups = 0;         // groups of output channels
+  int cin = 0;                // input channels per output group (K per tap)
+  int cout = 0;               // output channels per output group
+  int taps = 0;               // kernel height * width (1 or 9)
+  int kernel = 0;             // kernel side
+  int panels = 0;             // ceil(cout / NR)
 
+  // First B row of panel p (NR columns) of output group g.
   const float* panel(int group, int p) const {
-    return data.data() + (static_cast<size_t>(group) * panels + p) * taps * cin * NR;
+    return data + static_cast<int64_t>(group) * cout + static_cast<int64_t>(p) * NR;
   }
 };
 
-Packed pack(const at::Tensor& weight, int out_groups, bool grouped_input) {
-  at::Tensor w = weight.contiguous();  // (C_out, C_in/groups, k, k), packing time only
-  Packed p;
+// Whether `weight` is float32 with the HWIO layout (the deployed one), read in place.
+bool is_hwio(const at::Tensor& weight) {
+  return weight.scalar_type() == at::kFloat && weight.permute({2, 3, 1, 0}).is_contiguous();
+}
+
+Weights weights_of(const at::Tensor& weight, int out_groups) {
+  Weights p;
+  p.holder = weight.permute({2, 3, 1, 0});  // (k, k, C_in/groups, C_out)
+  if (!is_hwio(weight)) p.holder = p.holder.to(at::kFloat).contiguous();  // undeployed: per call
+  p.data = p.holder.data_ptr<float>();
+  p.ldb = weight.size(0);
   p.out_groups = out_groups;
-  p.cin = static_cast<int>(w.size(1));
-  p.cout = static_cast<int>(w.size(0)) / out_groups;
-  p.kernel = static_cast<int>(w.size(2));
-  p.taps = static_cast<int>(w.size(2) * w.size(3));
+  p.cin = static_cast<int>(weight.size(1));
+  p.cout = static_cast<int>(weight.size(0)) / out_groups;
+  p.kernel = static_cast<int>(weight.size(2));
+  p.taps = static_cast<int>(weight.size(2) * weight.size(3));
   p.panels = (p.cout + NR - 1) / NR;
-  p.grouped_input = grouped_input;
-  p.data.assign(static_cast<size_t>(out_groups) * p.panels * p.taps * p.cin * NR, 0.f);
-  const float* src = w.data_ptr<float>();
-  for (int g = 0; g < out_groups; ++g)
-    for (int pn = 0; pn < p.panels; ++pn) {
-      float* dst = p.data.data() + (static_cast<size_t>(g) * p.panels + pn) * p.taps * p.cin * NR;
-      for (int t = 0; t < p.taps; ++t)
-        for (int k = 0; k < p.cin; ++k)
-          for (int c = 0; c < NR; ++c) {
-            const int oc = pn * NR + c;
-            if (oc >= p.cout) continue;
-            const int row = g * p.cout + oc;
-            dst[(static_cast<size_t>(t) * p.cin + k) * NR + c] =
-                src[(static_cast<size_t>(row) * p.cin + k) * p.taps + t];
-          }
-    }
   return p;
 }
 
-// Packed weights cached per weight tensor. The entry holds a reference to the
-// tensor, so its address cannot be reused by another tensor while cached, and
-// the version counter catches in-place changes (a repack, not stale weights).
-struct CacheEntry {
-  at::Tensor weight;
-  int64_t version;
-  int out_groups;
-  bool grouped_input;
-  std::shared_ptr<const Packed> packed;
-};
-std::mutex cache_mutex;
-std::unordered_map<const void*, CacheEntry> cache;
-constexpr size_t CACHE_MAX = 512;
-
-int64_t version_of(const at::Tensor& t) { return t.is_inference() ? 0 : t._version(); }
-
-std::shared_ptr<const Packed> packed(const at::Tensor& weight, int out_groups, bool grouped) {
-  const void* key = weight.unsafeGetTensorImpl();
-  const int64_t version = version_of(weight);
-  std::lock_guard<std::mutex> lock(cache_mutex);
-  auto it = cache.find(key);
-  if (it != cache.end() && it->second.version == version && it->second.out_groups == out_groups &&
-      it->second.grouped_input == grouped && it->second.weight.data_ptr() == weight.data_ptr())
-    return it->second.packed;
-  if (cache.size() >= CACHE_MAX) cache.clear();  // models come and go: start over
-  auto result = std::make_shared<const Packed>(pack(weight, out_groups, grouped));
-  cache[key] = CacheEntry{weight, version, out_groups, grouped, result};
-  return result;
+// A narrow last panel (nc < NR columns: small test widths) copied into NR
+// zero-padded columns, so that the microkernel never reads past the weight.
+std::vector<float> padded_panel(const float* w, int64_t ldb, int rows, int nc) {
+  std::vector<float> out(static_cast<size_t>(rows) * NR, 0.f);
+  for (int r = 0; r < rows; ++r) std::memcpy(&out[static_cast<size_t>(r) * NR], w + r * ldb,
+                                             sizeof(float) * nc);
+  return out;
 }
 
 // ---------------------------------------------------------------- microkernel
@@ -126,7 +106,8 @@ struct Segment {
   const float* const* rows;
   int taps;
   int kc;
-  const float* w;
+  const float* w;  // B row 0 of the panel
+  int64_t ldb;     // stride between B rows
 };
 
 // out[r][0:nc] = epilogue(bias + sum over segments of rows . w), r < mr.
@@ -138,13 +119,14 @@ inline void tile(int mr, int nc, const Segment* segs, int nsegs, const float* bi
      c50 = c00, c51 = c01;
   for (int s = 0; s < nsegs; ++s) {
     const float* w = segs[s].w;
+    const int64_t ldb = segs[s].ldb;
     const int kc = segs[s].kc;
     for (int t = 0; t < segs[s].taps; ++t) {
       const float* const* a = segs[s].rows + t * MR;
       const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
       for (int k = 0; k < kc; ++k) {
         const v8 b0 = load8(w), b1 = load8(w + 8);
-        w += NR;
+        w += ldb;
         float v;
         v = a0[k]; c00 += v * b0; c01 += v * b1;
         v = a1[k]; c10 += v * b0; c11 += v * b1;
@@ -264,16 +246,28 @@ void run_items(int64_t count, size_t buffer_floats, const Fn& fn) {
 // output group og2 of w2, rows `src2` [tile][MR]) into the same accumulators.
 // Writes outs[row] + col0 (+ panel); `residual`: adds the old value (in place).
 // Panels outer, tiles inner: a panel of weights stays in cache for the chunk.
-void conv_rows(int m, const Packed& w, int og, const float* const* src, const Packed* w2,
+void conv_rows(int m, const Weights& w, int og, const float* const* src, const Weights* w2,
                int og2, const float* const* src2, const float* bias, float* const* outs,
                size_t col0, bool residual, bool relu) {
   const int tiles = (m + MR - 1) / MR;
   float* dst[MR];
   const float* res[MR];
+  std::vector<float> narrow, narrow2;  // padded copies of a narrow last panel
   for (int pn = 0; pn < w.panels; ++pn) {
     const int nc = std::min(NR, w.cout - pn * NR);
-    Segment segs[2] = {{nullptr, w.taps, w.cin, w.panel(og, pn)},
-                       {nullptr, 1, w2 ? w2->cin : 0, w2 ? w2->panel(og2, pn) : nullptr}};
+    Segment segs[2] = {{nullptr, w.taps, w.cin, w.panel(og, pn), w.ldb},
+                       {nullptr, 1, w2 ? w2->cin : 0, w2 ? w2->panel(og2, pn) : nullptr,
+                        w2 ? w2->ldb : 0}};
+    if (nc < NR) {
+      narrow = padded_panel(segs[0].w, w.ldb, w.taps * w.cin, nc);
+      segs[0].w = narrow.data();
+      segs[0].ldb = NR;
+      if (w2) {
+        narrow2 = padded_panel(segs[1].w, w2->ldb, w2->cin, nc);
+        segs[1].w = narrow2.data();
+        segs[1].ldb = NR;
+      }
+    }
     for (int tl = 0; tl < tiles; ++tl) {
       const int mr = std::min(MR, m - tl * MR);
       segs[0].rows = src + static_cast<size_t>(tl) * w.taps * MR;
@@ -288,7 +282,8 @@ void conv_rows(int m, const Packed& w, int og, const float* const* src, const Pa
 }
 
 // Bias padded to whole panels: [group][panel][NR]; `extra` (may be undefined) added.
-std::vector<float> padded_bias(const at::Tensor& bias, const at::Tensor& extra, const Packed& p) {
+std::vector<float> padded_bias(const at::Tensor& bias, const at::Tensor& extra,
+                               const Weights& p) {
   std::vector<float> out(static_cast<size_t>(p.out_groups) * p.panels * NR, 0.f);
   at::Tensor b = bias.to(at::kFloat).contiguous();
   at::Tensor e = extra.defined() ? extra.to(at::kFloat).contiguous() : at::Tensor();
@@ -302,7 +297,7 @@ std::vector<float> padded_bias(const at::Tensor& bias, const at::Tensor& extra, 
 }
 
 struct Conv {
-  std::shared_ptr<const Packed> w;
+  std::shared_ptr<const Weights> w;
   std::vector<float> bias;  // padded per panel
   int groups_per_mask = 1;  // conv groups inside one mask group
 };
@@ -344,7 +339,7 @@ at::Tensor refine_stage_native(const at::Tensor& x_in, const at::Tensor& masks_i
     const int cx = static_cast<int>(cur.size(3));
     TORCH_CHECK(w_index + convs_per_block + projection <= weights.size(),
                 "sar_native::refine_stage: too few weights for the blocks");
-    // Pack (cached) and check the block's convolutions.
+    // Check the block's convolutions (read in place when deployed: HWIO).
     std::vector<Conv> convs(convs_per_block);
     int in_ch = cx;
     for (int i = 0; i < convs_per_block; ++i) {
@@ -360,21 +355,21 @@ at::Tensor refine_stage_native(const at::Tensor& x_in, const at::Tensor& masks_i
                   "sar_native::refine_stage: conv groups must be a multiple of G");
       TORCH_CHECK(i + 1 < convs_per_block || conv_groups == G,
                   "sar_native::refine_stage: the last convolution must have G groups");
-      convs[i].w = packed(w.scalar_type() == at::kFloat ? w : w.to(at::kFloat), conv_groups, true);
+      convs[i].w = std::make_shared<const Weights>(weights_of(w, conv_groups));
       convs[i].groups_per_mask = conv_groups / G;
       in_ch = static_cast<int>(w.size(0));
     }
     const int cout = in_ch;
-    const Packed& last = *convs.back().w;
+    const Weights& last = *convs.back().w;
     at::Tensor last_bias = biases[w_index + convs_per_block - 1];
-    std::shared_ptr<const Packed> sc;
+    std::shared_ptr<const Weights> sc;
     std::vector<float> final_bias;
     if (projection) {
       const at::Tensor& w = weights[w_index + convs_per_block];
       TORCH_CHECK(w.dim() == 4 && w.size(2) == 1 && w.size(3) == 1 && w.size(1) == cx &&
                       w.size(0) == cout,
                   "sar_native::refine_stage: the shortcut must be a full 1x1 convolution");
-      sc = packed(w.scalar_type() == at::kFloat ? w : w.to(at::kFloat), G, false);
+      sc = std::make_shared<const Weights>(weights_of(w, G));
       final_bias = padded_bias(biases[w_index + convs_per_block], last_bias, *sc);
     } else {
       TORCH_CHECK(cout == cx, "sar_native::refine_stage: an identity shortcut needs C_out == C_in");
@@ -416,7 +411,7 @@ at::Tensor refine_stage_native(const at::Tensor& x_in, const at::Tensor& masks_i
     const float* xp = cur.data_ptr<float>();
     const int sc_panels = (cout / G + NR - 1) / NR;  // panels of one mask group's outputs
     float* op = out.data_ptr<float>();
-    const Packed& first = *convs[0].w;
+    const Weights& first = *convs[0].w;
     const int c1 = first.out_groups * first.cout;
     size_t max_ch = std::max<size_t>(cx, cout);
     for (auto& c : convs) max_ch = std::max<size_t>(max_ch, c.w->out_groups * c.w->cout);
@@ -458,7 +453,7 @@ at::Tensor refine_stage_native(const at::Tensor& x_in, const at::Tensor& masks_i
     float* hp = compact.data_ptr<float>();
     run_items(static_cast<int64_t>(items_a.size()), 0, [&](int64_t i, Scratch& sc_) {
       const Item& it = items_a[i];
-      const Packed& w = first;
+      const Weights& w = first;
       const int m = it.end - it.begin, tiles = (m + MR - 1) / MR;
       const int gpm = convs[0].groups_per_mask;
       sc_.src.assign(static_cast<size_t>(tiles) * w.taps * MR, zeros);
@@ -524,7 +519,7 @@ at::Tensor refine_stage_native(const at::Tensor& x_in, const at::Tensor& masks_i
       const float* in_base = nullptr;  // previous inner activation, (m, in_stride)
       int in_stride = 0;
       for (int ci = 1; ci < convs_per_block; ++ci) {
-        const Packed& w = *convs[ci].w;
+        const Weights& w = *convs[ci].w;
         const bool is_last = ci + 1 == convs_per_block;
         const int gpm = convs[ci].groups_per_mask;
         const int out_ch_g = gpm * w.cout;  // this conv's outputs in one mask group

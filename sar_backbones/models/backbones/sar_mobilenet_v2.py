@@ -500,7 +500,7 @@ class SARMobileNetV2(SARResNet):
             ValueError: a weight holds NaN or inf (nothing is changed then).
         """
         # The deploy step's own checks (norms, plain convs, finite weights).
-        from sar_backbones.inference.deploy import _check_deployable
+        from sar_backbones.inference.deploy import check_deployable as _check_deployable
         if self.training:
             raise RuntimeError('switch_to_deploy() prepares a model for inference: call eval() '
                                'first')
