@@ -10,8 +10,8 @@ into its inference form, in place:
   and nothing can go stale;
 * the refine blocks' weights (CPU) are re-stored in the layout of the native
   refine kernel (:func:`kernel_layout`: HWIO, ``(k, k, C_in/groups, C_out)``
-  in memory, the same ``(C_out, C_in/groups, k, k)`` tensor to everything
-  else): that is the weight prepacking, done once here. The kernel reads the
+  in memory with padded rows, the same ``(C_out, C_in/groups, k, k)`` tensor
+  to everything else): that is the weight prepacking, done once here. The kernel reads the
   weights in place, so a forward packs nothing and caches nothing, and a
   weight changed after deploying (in place or by ``load_state_dict``) is
   used at once -- nothing can go stale, no new deploy is needed. The state
@@ -71,14 +71,32 @@ def check_deployable(backbone: nn.Module) -> None:
 _check_deployable = check_deployable  # the former private name
 
 
-def kernel_layout(weight: Tensor) -> Tensor:
-    """The same weight ``(C_out, C_in/groups, k, k)`` stored HWIO (the native kernel's layout).
+ROW_PADDING = 16  # floats after each B row of a prepacked weight (one cache line)
 
-    The native refine kernel reads row ``(tap, input channel)`` of the GEMM
-    operand B as ``C_out`` contiguous floats, 16-column panels being column
-    ranges of it; this is that memory order, as a strided view.
+
+def kernel_layout(weight: Tensor) -> Tensor:
+    """The same weight ``(C_out, C_in/groups, k, k)`` stored as the native kernel reads it.
+
+    The kernel reads row ``(tap, input channel)`` of its GEMM operand B as
+    ``C_out`` contiguous floats (its 16-column panels are column ranges of a
+    row): HWIO memory order, ``(k, k, C_in/groups, C_out)``, each row padded
+    by :data:`ROW_PADDING` floats so that the rows of a panel (``C_out`` is a
+    power of two) do not all map to the same cache sets. Returned as a
+    strided view of that padded storage: to every other user it is the same
+    tensor (values, shape, state-dict entry).
     """
-    return weight.detach().permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+    out_channels, in_channels, height, width = weight.shape
+    storage = weight.new_zeros(height, width, in_channels, out_channels + ROW_PADDING)
+    storage[..., :out_channels] = weight.detach().permute(2, 3, 1, 0)
+    return storage[..., :out_channels].permute(3, 2, 0, 1)
+
+
+def is_kernel_layout(weight: Tensor) -> bool:
+    """Whether ``weight`` is stored as :func:`kernel_layout` stores it (read in place)."""
+    out_channels, in_channels, height, width = weight.shape
+    row = weight.stride(1)
+    return weight.stride(0) == 1 and row == out_channels + ROW_PADDING and \
+        weight.stride(2) == width * in_channels * row and weight.stride(3) == in_channels * row
 
 
 def _prepack_refine_weights(stage: nn.Module) -> None:

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from sar_backbones.inference.deploy import deploy_backbone
+from sar_backbones.inference.deploy import deploy_backbone, is_kernel_layout
 from sar_backbones.models.layers import StackedRegionSelectors, blocks, region_selection
 from tests.inference.helpers import (NARROW_50, OS8, assert_close, deployed_copy, eval_model,
                                      force_selection, forward)
@@ -37,7 +37,7 @@ def test_deploy_folds_everything_and_leaves_no_cache():
             for conv, _ in block.convs_and_norms:
                 assert conv.bias is not None
                 # the native kernel's layout (HWIO), read in place: prepacked once, here
-                assert conv.weight.permute(2, 3, 1, 0).is_contiguous()
+                assert is_kernel_layout(conv.weight)
     deploy_backbone(model)  # a second deploy is a no-op
 
 

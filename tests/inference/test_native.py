@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sar_backbones.inference import native, ops
+from sar_backbones.inference.deploy import is_kernel_layout
 from sar_backbones.inference.sparse import refine_stage
 from sar_backbones.models import SARResNeXt
 from sar_backbones.models.errors import InvalidArgumentError
@@ -144,7 +145,7 @@ def test_deploy_prepacks_the_weights_in_place_of_the_state():
     for stage in deployed.sar_stages:
         for block in stage.refine_blocks:
             for conv, _ in block.convs_and_norms:
-                assert conv.weight.permute(2, 3, 1, 0).is_contiguous()  # HWIO
+                assert is_kernel_layout(conv.weight)  # HWIO, padded rows
     state = {key: value.clone() for key, value in deployed.state_dict().items()}
     assert state.keys() == reference.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in reference.state_dict().items())
@@ -157,7 +158,7 @@ def test_deploy_prepacks_the_weights_in_place_of_the_state():
     assert relative_error(second, refine_stage(x, masks, weights, *rest)) < 1e-4
     assert (second - first).abs().max() > 1e-3
     deployed.load_state_dict(state)  # copies into the prepacked weights: layout kept
-    assert deployed.layer1.refine_blocks[0].conv2.weight.permute(2, 3, 1, 0).is_contiguous()
+    assert is_kernel_layout(deployed.layer1.refine_blocks[0].conv2.weight)
     assert relative_error(native.refine_stage(x, masks, weights, *rest), first) < 1e-6
 
 

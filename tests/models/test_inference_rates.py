@@ -23,7 +23,7 @@ from torch import nn
 from sar_backbones.engine.hooks import (_rate_threshold, calibrate_backbone, calibrate_thresholds,
                                         eval_margins)
 from sar_backbones.models import SARResNet
-from sar_backbones.models.backbones.sar_resnet import ForwardRecord
+from sar_backbones.models.backbones.sar_api import ForwardRecord
 from sar_backbones.models.errors import InvalidArgumentError
 from sar_backbones.models.layers import RegionSelector
 from sar_backbones.models.layers.gumbel import deterministic_straight_through

@@ -22,7 +22,7 @@ import torchvision
 from torch import Tensor
 
 from sar_backbones.engine import get_sar_backbone, swap_sync_bn
-from sar_backbones.models.backbones import SARResNet
+from sar_backbones.models.backbones import SARBackboneMixin, SARResNet
 from sar_backbones.models.backbones.checkpoint import (BackboneCheckpointMismatchError,
                                                        describe_mismatch, extract_state_dict,
                                                        load_checkpoint_file)
@@ -126,9 +126,9 @@ def load_weights(model: nn.Module, checkpoint: str) -> Tuple[str, int]:
     """
     state = extract_state_dict(load_checkpoint_file(checkpoint), source=checkpoint)
     target, part = model, 'model'
-    backbone = model if isinstance(model, SARResNet) else getattr(model, 'backbone', None)
+    backbone = model if isinstance(model, SARBackboneMixin) else getattr(model, 'backbone', None)
     if any(k.startswith('backbone.') for k in state):
-        if isinstance(model, SARResNet):
+        if isinstance(model, SARBackboneMixin):
             state = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
             part = 'backbone'
     elif backbone is not None and backbone is not model:

@@ -48,8 +48,10 @@ inline void store8(float* p, v8 v) { *reinterpret_cast<v8*>(p) = v; }
 // ---------------------------------------------------------------- weights
 // A convolution weight (C_out, C_in/groups, k, k) read in place as the GEMM B
 // operand: row (tap t, input channel k) of output column c at
-// data[(t * cin + k) * ldb + c] -- the HWIO layout (k, k, C_in/groups, C_out)
-// that switch_to_deploy() gives the refine weights (see deploy.py), so a
+// data[(t * cin + k) * ldb + c] -- the HWIO layout (k, k, C_in/groups, C_out),
+// rows padded to ldb = C_out + 16 floats so that they do not all fall on the
+// same cache sets (C_out is a power of two), that switch_to_deploy() gives the
+// refine weights (deploy.py's kernel_layout), so a
 // deployed forward packs nothing and caches nothing; the weights themselves are
 // the prepacked state and an in-place change shows at once. A weight in any
 // other layout (a model that was not deployed) is laid out per call.
@@ -70,17 +72,28 @@ struct Weights {
   }
 };
 
-// Whether `weight` is float32 with the HWIO layout (the deployed one), read in place.
-bool is_hwio(const at::Tensor& weight) {
-  return weight.scalar_type() == at::kFloat && weight.permute({2, 3, 1, 0}).is_contiguous();
+// The B row stride of `weight` when it is float32 in the (padded) HWIO layout
+// of deploy.py's kernel_layout: strides (1, ldb, kw * cin * ldb, cin * ldb)
+// with ldb >= C_out (the padding keeps rows off the same cache sets); 0 otherwise.
+int64_t hwio_ldb(const at::Tensor& weight) {
+  if (weight.scalar_type() != at::kFloat || weight.size(1) < 2) return 0;
+  const int64_t ldb = weight.stride(1);
+  const bool ok = weight.stride(0) == 1 && ldb >= weight.size(0) &&
+                  (weight.size(3) == 1 || weight.stride(3) == weight.size(1) * ldb) &&
+                  (weight.size(2) == 1 || weight.stride(2) == weight.size(3) * weight.size(1) * ldb);
+  return ok ? ldb : 0;
 }
 
 Weights weights_of(const at::Tensor& weight, int out_groups) {
   Weights p;
-  p.holder = weight.permute({2, 3, 1, 0});  // (k, k, C_in/groups, C_out)
-  if (!is_hwio(weight)) p.holder = p.holder.to(at::kFloat).contiguous();  // undeployed: per call
+  p.ldb = hwio_ldb(weight);
+  if (p.ldb) {
+    p.holder = weight;  // deployed: read in place
+  } else {  // not deployed (or re-laid out since): lay out per call
+    p.holder = weight.permute({2, 3, 1, 0}).to(at::kFloat).contiguous();
+    p.ldb = weight.size(0);
+  }
   p.data = p.holder.data_ptr<float>();
-  p.ldb = weight.size(0);
   p.out_groups = out_groups;
   p.cin = static_cast<int>(weight.size(1));
   p.cout = static_cast<int>(weight.size(0)) / out_groups;
@@ -90,13 +103,16 @@ Weights weights_of(const at::Tensor& weight, int out_groups) {
   return p;
 }
 
-// A narrow last panel (nc < NR columns: small test widths) copied into NR
-// zero-padded columns, so that the microkernel never reads past the weight.
-std::vector<float> padded_panel(const float* w, int64_t ldb, int rows, int nc) {
-  std::vector<float> out(static_cast<size_t>(rows) * NR, 0.f);
-  for (int r = 0; r < rows; ++r) std::memcpy(&out[static_cast<size_t>(r) * NR], w + r * ldb,
-                                             sizeof(float) * nc);
-  return out;
+// One panel (rows x nc columns, row stride ldb) copied into `out` as rows of
+// NR contiguous floats, zero-padded when nc < NR (small test widths), so the
+// microkernel never reads past the weight.
+void pack_panel(const float* w, int64_t ldb, int rows, int nc, std::vector<float>& out) {
+  out.resize(static_cast<size_t>(rows) * NR);
+  for (int r = 0; r < rows; ++r) {
+    float* dst = &out[static_cast<size_t>(r) * NR];
+    std::memcpy(dst, w + r * ldb, sizeof(float) * nc);
+    if (nc < NR) std::memset(dst + nc, 0, sizeof(float) * (NR - nc));
+  }
 }
 
 // ---------------------------------------------------------------- microkernel
@@ -126,6 +142,9 @@ inline void tile(int mr, int nc, const Segment* segs, int nsegs, const float* bi
       const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
       for (int k = 0; k < kc; ++k) {
         const v8 b0 = load8(w), b1 = load8(w + 8);
+        // Strided weight rows (ldb floats apart) defeat the hardware
+        // prefetcher: fetch a few rows ahead.
+        __builtin_prefetch(w + 8 * ldb);
         w += ldb;
         float v;
         v = a0[k]; c00 += v * b0; c01 += v * b1;
@@ -252,19 +271,19 @@ void conv_rows(int m, const Weights& w, int og, const float* const* src, const W
   const int tiles = (m + MR - 1) / MR;
   float* dst[MR];
   const float* res[MR];
-  std::vector<float> narrow, narrow2;  // padded copies of a narrow last panel
+  std::vector<float> copy, copy2;  // padded copies of a narrow last panel
   for (int pn = 0; pn < w.panels; ++pn) {
     const int nc = std::min(NR, w.cout - pn * NR);
     Segment segs[2] = {{nullptr, w.taps, w.cin, w.panel(og, pn), w.ldb},
                        {nullptr, 1, w2 ? w2->cin : 0, w2 ? w2->panel(og2, pn) : nullptr,
                         w2 ? w2->ldb : 0}};
     if (nc < NR) {
-      narrow = padded_panel(segs[0].w, w.ldb, w.taps * w.cin, nc);
-      segs[0].w = narrow.data();
+      pack_panel(segs[0].w, w.ldb, w.taps * w.cin, nc, copy);
+      segs[0].w = copy.data();
       segs[0].ldb = NR;
       if (w2) {
-        narrow2 = padded_panel(segs[1].w, w2->ldb, w2->cin, nc);
-        segs[1].w = narrow2.data();
+        pack_panel(segs[1].w, w2->ldb, w2->cin, nc, copy2);
+        segs[1].w = copy2.data();
         segs[1].ldb = NR;
       }
     }

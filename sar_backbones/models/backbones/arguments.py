@@ -136,7 +136,8 @@ def check_conv_cfg(conv_cfg: Optional[dict], inference_mode: str) -> None:
     if conv_cfg is None:
         return
     if not isinstance(conv_cfg, dict) or 'type' not in conv_cfg:
-        raise InvalidArgumentError(f"conv_cfg must be None or a dict with a 'type', got {conv_cfg!r}")
+        raise InvalidArgumentError(
+            f"conv_cfg must be None or a dict with a 'type', got {conv_cfg!r}")
     if inference_mode == 'sparse' and conv_cfg['type'] not in PLAIN_CONV_TYPES:
         raise InvalidArgumentError(
             f"conv_cfg type {conv_cfg['type']!r} transforms its weights in forward, which the "

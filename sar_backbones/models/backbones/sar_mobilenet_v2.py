@@ -20,8 +20,9 @@ from ..layers.inverted_residual import InvertedResidual, activation_clamp
 from ..layers.inverted_residual_stage import SARInvertedResidualStage
 from .arguments import (InvalidArgumentError, check_conv_cfg, check_norm_cfg, check_rate_options,
                         check_target_rate, per_stage, require_int, require_int_sequence)
-from .checkpoint import check_backbone_state_dict, extract_state_dict, load_checkpoint_file
-from .sar_resnet import ForwardRecord, SARResNet
+from .checkpoint import (ArchitectureCheckedLoading, check_backbone_state_dict, extract_state_dict,
+                         load_checkpoint_file)
+from .sar_api import ForwardRecord, SARBackboneMixin
 
 IntOrSeq = Union[int, Sequence[int]]
 
@@ -40,7 +41,7 @@ def make_divisible(value: float, divisor: int = 8, min_ratio: float = 0.9) -> in
 
 
 @MODELS.register_module()
-class SARMobileNetV2(SARResNet):
+class SARMobileNetV2(SARBackboneMixin, ArchitectureCheckedLoading, BaseModule):
     """SAR-MobileNetV2 backbone (variants ``G{G}s{s}a{alpha}b{beta}``, target rate ``t``).
 
     mmpretrain / mmseg ``MobileNetV2`` (stem ``conv1``, seven layers of
@@ -182,9 +183,7 @@ class SARMobileNetV2(SARResNet):
             warnings.warn('SARMobileNetV2: `pretrained` is deprecated, use '
                           "init_cfg=dict(type='Pretrained', checkpoint=...)", DeprecationWarning)
             init_cfg = dict(type='Pretrained', checkpoint=pretrained)
-        # The SAR API (rates, masks, settings) comes from SARResNet; its
-        # ResNet builder does not apply, so nn.Module state starts here.
-        BaseModule.__init__(self, init_cfg=init_cfg)
+        super().__init__(init_cfg=init_cfg)
         options = self._check_options(
             widen_factor=widen_factor, in_channels=in_channels, mask_groups=mask_groups,
             base_stride=base_stride, alpha=alpha, beta=beta, patch_grid=patch_grid,
@@ -409,7 +408,7 @@ class SARMobileNetV2(SARResNet):
             self.load_state_dict(state, strict=True)
             self._is_init = True
             return
-        super(SARResNet, self).init_weights()
+        super().init_weights()
         if cfg is not None:
             self._reset_sar_layers()
 
