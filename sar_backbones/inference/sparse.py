@@ -265,15 +265,18 @@ def conv_groups(in_channels: int, weight: Tensor) -> int:
     return groups
 
 
-def _residual_function(convs: Sequence[Tuple[Tensor, Tensor]], x_flat: Tensor,
-                       patches: BlockPatches, layout: PatchLayout, groups: int, dilation: int,
-                       residual_base: Tensor) -> Tensor:
+def residual_function(convs: Sequence[Tuple[Tensor, Tensor]], x_flat: Tensor,
+                      patches: BlockPatches, layout: PatchLayout, groups: int, dilation: int,
+                      residual_base: Tensor, clamp: Optional[float] = None) -> Tensor:
     """The block's residual function on its selected patches, added to ``residual_base``.
 
     1x1 convolutions run on the pixel rows; 3x3 convolutions on the gathered
     ``(PH+2d) x (PW+2d)`` windows of the patches; all groups at once. Each
     convolution's own groups follow from its weight (:func:`conv_groups`):
-    ``G`` for SAR-ResNet, the cardinality for SAR-ResNeXt's 3x3 convs.
+    ``G`` for SAR-ResNet, the cardinality for SAR-ResNeXt's 3x3 convs, one
+    per channel for SAR-MobileNetV2's depthwise convs. Between convolutions
+    the activation is ReLU (``clamp=None``) or ReLU6 (``clamp=6``); the last
+    convolution is linear and its bias is left to the caller.
 
     Returns ``residual_base + F(x)`` for the own pixels, ``(n*PP, C_out)``.
     """
@@ -301,11 +304,11 @@ def _residual_function(convs: Sequence[Tuple[Tensor, Tensor]], x_flat: Tensor,
         if is_last:
             return out.add_(residual_base)
         if convs[index + 1][0].shape[-1] == 1:  # read as rows: no zero row needed
-            hidden = out.clamp_min_(0)
+            hidden = out.clamp_(0, clamp)
         else:
             compact = out.new_empty(1 + rows, out.shape[1])
             compact[0].zero_()
-            hidden = torch.clamp_min(out, 0, out=compact[1:])
+            hidden = torch.clamp(out, 0, clamp, out=compact[1:])
     raise AssertionError('a block has at least one convolution')
 
 
@@ -353,7 +356,7 @@ def sparse_block_forward(convs: Sequence[Tuple[Tensor, Tensor]],
     if patches.slots:
         out_rows = _group_rows(out, groups)
         base = out_rows.index_select(0, patches.write_core).view(-1, out.shape[1])
-        updated = _residual_function(convs, x_flat, patches, layout, groups, dilation, base)
+        updated = residual_function(convs, x_flat, patches, layout, groups, dilation, base)
         # Own pixels are written once each (padding all goes to the sink row),
         # so gather-add-copy is exact and avoids the atomic adds of an
         # accumulating scatter, which contend badly across threads.

@@ -21,57 +21,12 @@ BatchNorm is folded into the convolutions by the blocks
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .sparse import (BlockPatches, PatchLayout, _cast, _group_rows, conv1x1_rows, conv_groups,
-                     patch_layout, select_patches, to_flat)
+from .sparse import (BlockPatches, PatchLayout, _cast, _group_rows, patch_layout, residual_function,
+                     select_patches, to_flat)
 
 ConvWeights = Sequence[Tuple[Tensor, Tensor]]
-
-
-def _activate_(x: Tensor, clamp: Optional[float]) -> Tensor:
-    """ReLU6 (``clamp=6``) or ReLU (``clamp=None``) in place."""
-    return x.clamp_(0, clamp) if clamp is not None else x.clamp_min_(0)
-
-
-def _inverted_residual_function(convs: ConvWeights, x_flat: Tensor, patches: BlockPatches,
-                                layout: PatchLayout, groups: int, dilation: int,
-                                clamp: Optional[float], residual_base: Tensor) -> Tensor:
-    """``residual_base + F(x)`` on the block's own selected pixels, ``(n*PP, C_out)``.
-
-    The last convolution's bias is left out: the caller adds it at every pixel.
-    """
-    n = patches.slots
-    rows = patches.read_core.numel() // groups
-    dtype = x_flat.dtype
-    hidden: Optional[Tensor] = None   # activation of the selected pixels, (n*PP, C)
-    compact: Optional[Tensor] = None  # the same after a zero row, for window gathers
-    for index, (weight, bias) in enumerate(convs):
-        is_last = index == len(convs) - 1
-        bias = None if is_last else _cast(bias, dtype)
-        if weight.shape[-1] == 1:
-            inputs = hidden if hidden is not None else \
-                _group_rows(x_flat, groups).index_select(0, patches.read_core).view(rows, -1)
-            out = conv1x1_rows(inputs, weight, bias, conv_groups(inputs.shape[1], weight))
-        else:
-            source, index_rows = (x_flat, patches.x_window) if hidden is None \
-                else (compact, patches.compact_window)
-            window = _group_rows(source, groups).index_select(0, index_rows)
-            window = window.view(n, *layout.window_shape, source.shape[1])
-            out = F.conv2d(window.permute(0, 3, 1, 2), _cast(weight, dtype), bias,
-                           dilation=dilation, groups=conv_groups(source.shape[1], weight))
-            out = out.permute(0, 2, 3, 1).reshape(rows, -1)
-        if is_last:
-            return out.add_(residual_base)
-        if convs[index + 1][0].shape[-1] == 1:  # read as rows: no zero row needed
-            hidden = _activate_(out, clamp)
-        else:
-            compact = out.new_empty(1 + rows, out.shape[1])
-            compact[0].zero_()
-            hidden = compact[1:]
-            hidden.copy_(_activate_(out, clamp))
-    raise AssertionError('an inverted residual block has at least one convolution')
 
 
 def sparse_inverted_residual_forward(convs: ConvWeights, residual: bool, x_flat: Tensor,
@@ -103,8 +58,8 @@ def sparse_inverted_residual_forward(convs: ConvWeights, residual: bool, x_flat:
     if patches.slots:
         out_rows = _group_rows(out, groups)
         base = out_rows.index_select(0, patches.write_core).view(-1, out.shape[1])
-        updated = _inverted_residual_function(convs, x_flat, patches, layout, groups, dilation,
-                                              clamp, base)
+        updated = residual_function(convs, x_flat, patches, layout, groups, dilation, base,
+                                    clamp=clamp)
         # Each own pixel is written once (padding goes to the sink row).
         out_rows.index_copy_(0, patches.write_core,
                              _cast(updated, out.dtype).view(-1, out_rows.shape[1]))

@@ -6,7 +6,7 @@ import torchvision
 from sar_backbones.analysis import count_macs, model_complexity
 from sar_backbones.models import SARResNet
 
-RESNET50_GMACS = 4.09  # ResNet-50, same convention (DESIGN.md)
+RESNET50_GMACS = 4.09  # ResNet-50, same convention (README.md, "Complexity")
 
 
 def _gmacs(model, rate):

@@ -7,17 +7,14 @@ the record of the last forward (masks, rates), the activation-rate losses
 mask override, :meth:`~SARBackboneMixin.temporary_settings`) and the
 deployed / frozen-stage behaviour of ``train()``.
 
-A backbone using it sets, in its ``__init__``: ``mask_groups``,
-``rate_loss``, ``rate_loss_weight``, ``deterministic_rate_weight`` /
-``deterministic_rate_tau``, ``_target_rate``, ``_temperature``,
-``inference_mode``, ``conv_cfg``, ``norm_cfg``, ``norm_eval``,
-``out_indices``, ``_mask_override`` (None), ``_override_masks`` (an
-``OrderedDict``), ``_record`` (``ForwardRecord(masks=())``) and
-``_deployed`` (False); and it defines ``sar_stages`` (modules with
+A backbone using it calls :meth:`SARBackboneMixin._init_sar_state` in its
+``__init__`` and sets ``conv_cfg``, ``norm_cfg``, ``norm_eval`` and
+``out_indices``; it defines ``sar_stages`` (modules with
 ``num_masked_blocks``), ``_freeze_stages()`` and a forward that records a
 :class:`ForwardRecord`.
 """
 import contextlib
+from collections import OrderedDict
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -26,7 +23,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers import RegionSelector
 from ..layers.gumbel import check_temperature, deterministic_straight_through
-from .arguments import InvalidArgumentError, check_conv_cfg, check_norm_cfg, check_target_rate
+from .arguments import (InvalidArgumentError, check_conv_cfg, check_norm_cfg, check_rate_options,
+                        check_target_rate)
 from .mask_override import random_patch_masks
 
 # Random override masks kept per (rate, seed, block, shape); small tensors,
@@ -54,6 +52,35 @@ class ForwardRecord(NamedTuple):
 
 class SARBackboneMixin:
     """Masks, rates, rate losses and settings of a SAR backbone (see the module docstring)."""
+
+    def _init_sar_state(self, *, mask_groups: int, rate_loss: str, rate_loss_weight: float,
+                        deterministic_rate_weight: float, deterministic_rate_tau: float,
+                        target_rate: float, temperature: float, inference_mode: str) -> None:
+        """Set the SAR state every backbone shares (options already checked by the caller).
+
+        Args:
+            mask_groups (int): ``G``.
+            rate_loss (str): ``'batch'`` (Eq. 10) or ``'sample'`` (Eq. 11).
+            rate_loss_weight (float): ``lambda``.
+            deterministic_rate_weight (float): ``lambda_det`` of the noise-free rate term (ours).
+            deterministic_rate_tau (float): Temperature of that term's relaxed gradient.
+            target_rate (float): ``t``.
+            temperature (float): Initial Gumbel temperature ``tau``.
+            inference_mode (str): ``'sparse'`` or ``'dense'``.
+        """
+        self.mask_groups = mask_groups
+        self.rate_loss = rate_loss
+        self.rate_loss_weight = rate_loss_weight
+        self.deterministic_rate_weight, self.deterministic_rate_tau = check_rate_options(
+            deterministic_rate_weight=deterministic_rate_weight,
+            deterministic_rate_tau=deterministic_rate_tau)
+        self._target_rate = float(target_rate)
+        self._temperature = float(temperature)
+        self.inference_mode = inference_mode
+        self._mask_override: Optional[Tuple[float, int]] = None
+        self._override_masks: 'OrderedDict[tuple, Tensor]' = OrderedDict()
+        self._record = ForwardRecord(masks=())
+        self._deployed = False
 
     @property
     def num_masked_blocks(self) -> int:

@@ -18,8 +18,8 @@ from ..layers.blocks import folded_conv
 from ..layers.gumbel import check_temperature
 from ..layers.inverted_residual import InvertedResidual, activation_clamp
 from ..layers.inverted_residual_stage import SARInvertedResidualStage
-from .arguments import (InvalidArgumentError, check_conv_cfg, check_norm_cfg, check_rate_options,
-                        check_target_rate, per_stage, require_int, require_int_sequence)
+from .arguments import (InvalidArgumentError, check_conv_cfg, check_norm_cfg, check_target_rate,
+                        per_stage, require_int, require_int_sequence)
 from .checkpoint import (ArchitectureCheckedLoading, check_backbone_state_dict, extract_state_dict,
                          load_checkpoint_file)
 from .sar_api import ForwardRecord, SARBackboneMixin
@@ -194,19 +194,16 @@ class SARMobileNetV2(SARBackboneMixin, ArchitectureCheckedLoading, BaseModule):
             inference_mode=inference_mode, with_cp=with_cp, norm_eval=norm_eval)
         self.widen_factor = float(widen_factor)
         self.in_channels = in_channels
-        self.mask_groups = mask_groups
+        self._init_sar_state(
+            mask_groups=mask_groups, rate_loss=rate_loss, rate_loss_weight=rate_loss_weight,
+            deterministic_rate_weight=deterministic_rate_weight,
+            deterministic_rate_tau=deterministic_rate_tau, target_rate=target_rate,
+            temperature=temperature, inference_mode=inference_mode)
         self.base_strides = options['base_strides']
         self.alpha = alpha
         self.beta = beta
         self.patch_grid = options['patch_grids'] if patch_grid is not None else None
         self.patch_size = options['patch_sizes'] if patch_size is not None else None
-        self.rate_loss = rate_loss
-        self.rate_loss_weight = rate_loss_weight
-        self.deterministic_rate_weight, self.deterministic_rate_tau = check_rate_options(
-            deterministic_rate_weight=deterministic_rate_weight,
-            deterministic_rate_tau=deterministic_rate_tau)
-        self._target_rate = float(target_rate)
-        self._temperature = float(temperature)
         self.strides = tuple(strides)
         self.dilations = tuple(dilations)
         self.out_indices = tuple(out_indices)
@@ -216,11 +213,6 @@ class SARMobileNetV2(SARBackboneMixin, ArchitectureCheckedLoading, BaseModule):
         self.conv_cfg = conv_cfg
         self.norm_cfg = norm_cfg
         self.act_cfg = act_cfg
-        self.inference_mode = inference_mode
-        self._mask_override: Optional[Tuple[float, int]] = None
-        self._override_masks: 'OrderedDict[tuple, Tensor]' = OrderedDict()
-        self._record = ForwardRecord(masks=())
-        self._deployed = False
 
         common = dict(conv_cfg=conv_cfg, norm_cfg=norm_cfg, act_cfg=act_cfg)
         width = options['stem_channels']

@@ -1,7 +1,6 @@
 """SAR-ResNet: ResNet with Spatially Adaptive feature Refinement (Han et al., TIP 2021)."""
 import math
 import warnings
-from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -15,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from sar_backbones.registry import MODELS
 from ..layers import BasicBlock, Bottleneck, RegionSelector, ResidualBlock
 from .arguments import (InvalidArgumentError, block_options_per_stage, check_arguments,
-                        check_rate_options, check_resnet_options, drop_path_rates, per_stage)
+                        check_resnet_options, drop_path_rates, per_stage)
 from .checkpoint import ArchitectureCheckedLoading, load_pretrained
 from .sar_api import ForwardRecord, SARBackboneMixin
 from .sar_stage import SARStage
@@ -257,19 +256,16 @@ class SARResNet(SARBackboneMixin, ArchitectureCheckedLoading, BaseModule):
             norm_cfg=norm_cfg, frozen_stages=frozen_stages, pretrained=pretrained,
             deep_stem=deep_stem)
 
-        self.mask_groups = groups
+        self._init_sar_state(
+            mask_groups=groups, rate_loss=rate_loss, rate_loss_weight=rate_loss_weight,
+            deterministic_rate_weight=deterministic_rate_weight,
+            deterministic_rate_tau=deterministic_rate_tau, target_rate=target_rate,
+            temperature=temperature, inference_mode=inference_mode)
         self.base_strides = base_strides
         self.alpha = alpha
         self.beta = beta
         self.patch_grid = patch_grids if patch_grid is not None else None
         self.patch_size = patch_sizes if patch_size is not None else None
-        self.rate_loss = rate_loss
-        self.rate_loss_weight = rate_loss_weight
-        self.deterministic_rate_weight, self.deterministic_rate_tau = check_rate_options(
-            deterministic_rate_weight=deterministic_rate_weight,
-            deterministic_rate_tau=deterministic_rate_tau)
-        self._target_rate = float(target_rate)
-        self._temperature = float(temperature)
         self.strides = tuple(strides)
         self.dilations = tuple(dilations)
         self.out_indices = tuple(out_indices)
@@ -284,11 +280,6 @@ class SARResNet(SARBackboneMixin, ArchitectureCheckedLoading, BaseModule):
         self.drop_path_rate = float(drop_path_rate)
         self.conv_cfg = conv_cfg
         self.norm_cfg = norm_cfg
-        self.inference_mode = inference_mode
-        self._mask_override: Optional[Tuple[float, int]] = None
-        self._override_masks: 'OrderedDict[tuple, Tensor]' = OrderedDict()
-        self._record = ForwardRecord(masks=())
-        self._deployed = False
 
         self._make_stem(in_channels, stem_channels, conv_cfg, norm_cfg)
         common = dict(conv_cfg=conv_cfg, norm_cfg=norm_cfg)

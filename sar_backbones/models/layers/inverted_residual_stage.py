@@ -142,13 +142,7 @@ class SARInvertedResidualStage(nn.Module):
 
     def patch_grid_for(self, height: int, width: int) -> Tuple[int, int]:
         """Patch grid ``(Kh, Kw)`` at a refine-branch feature size, checking it fits."""
-        grid = grid_for_feature(height, width, self.patch_grid, self.patch_size)
-        if grid[0] > height or grid[1] > width:
-            raise ValueError(
-                f'input too small: a {height}x{width} feature map cannot be split into the '
-                f'{grid[0]}x{grid[1]} patch grid (patch_grid={self.patch_grid}); feed a larger '
-                'image or use patch_size=... for a grid that follows the input size')
-        return grid
+        return grid_for_feature(height, width, self.patch_grid, self.patch_size)
 
     def forward(self, x: Tensor, tau: float, sparse: bool = False,
                 mask_override: Optional[MaskOverride] = None) -> Tuple[Tensor, List[Tensor]]:

@@ -28,10 +28,20 @@ def grid_for_feature(height: int, width: int, patch_grid: int | None,
     ``patch_grid=K`` gives ``K x K`` patches whatever the input size (the
     paper's setting); ``patch_size=p`` gives ``ceil(H/p) x ceil(W/p)`` patches
     of about ``p x p`` pixels (for detection-size inputs).
+
+    Raises:
+        ValueError: The map is smaller than the grid (a patch would be empty).
     """
     if patch_grid is not None:
-        return patch_grid, patch_grid
-    return math.ceil(height / patch_size), math.ceil(width / patch_size)
+        grid = patch_grid, patch_grid
+    else:
+        grid = math.ceil(height / patch_size), math.ceil(width / patch_size)
+    if grid[0] > height or grid[1] > width:
+        raise ValueError(
+            f'input too small: a {height}x{width} feature map cannot be split into the '
+            f'{grid[0]}x{grid[1]} patch grid (patch_grid={patch_grid}); feed a larger '
+            'image or use patch_size=... for a grid that follows the input size')
+    return grid
 
 
 def expand_mask(mask: Tensor, size: Sequence[int]) -> Tensor:
