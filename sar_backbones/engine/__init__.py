@@ -1,9 +1,9 @@
 """Training-loop components (mmengine hooks) for SAR backbones."""
+from .distributed_hooks import SARNoiseSeedHook, SARRateSyncHook
 from .hooks import (SARGumbelNoiseHook, SARRateCalibrationHook, SARRateLoggerHook,
                     SARTargetRateHook, SARTemperatureHook, eval_margins, get_sar_backbone,
                     training_progress)
 from .launch import setup_distributed_for_device, swap_sync_bn
-from .robust_hooks import SARNoiseSeedHook, SARRateSyncHook
 
 __all__ = [
     'SARTemperatureHook', 'SARTargetRateHook', 'SARGumbelNoiseHook', 'SARRateLoggerHook',

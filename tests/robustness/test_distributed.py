@@ -45,8 +45,8 @@ WIDTHS = [16, 32, 64, 128]
 def test_rate_sync_weights_ranks_by_batch_size(monkeypatch):
     """The reduction itself, with another rank simulated: 2 images at rate 0.2 here,
     6 images at rate 0.6 there -> 0.5; losses and other keys are untouched."""
-    from sar_backbones.engine import robust_hooks
-    from sar_backbones.engine.robust_hooks import SARRateSyncHook
+    from sar_backbones.engine import distributed_hooks
+    from sar_backbones.engine.distributed_hooks import SARRateSyncHook
 
     outputs = dict(loss=torch.tensor(1.5), loss_act_rate=torch.tensor(0.3),
                    act_rate=torch.tensor(0.2), act_rate_stage1=torch.tensor(0.4),
@@ -60,8 +60,8 @@ def test_rate_sync_weights_ranks_by_batch_size(monkeypatch):
         assert op == 'sum'
         tensor += torch.tensor([0.6 * 6, 0.8 * 6, 6.0])
 
-    monkeypatch.setattr(robust_hooks, 'get_world_size', lambda: 2)
-    monkeypatch.setattr(robust_hooks, 'all_reduce', other_rank_adds)
+    monkeypatch.setattr(distributed_hooks, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(distributed_hooks, 'all_reduce', other_rank_adds)
     hook.after_train_iter(None, 0, dict(inputs=[0, 0]), outputs)
     assert float(outputs['act_rate']) == pytest.approx(0.5)
     assert float(outputs['act_rate_stage1']) == pytest.approx((0.4 * 2 + 0.8 * 6) / 8)

@@ -250,7 +250,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, restore_determinism):
 
 
 def test_noise_seed_depends_only_on_seed_rank_and_iteration():
-    from sar_backbones.engine.robust_hooks import SARNoiseSeedHook
+    from sar_backbones.engine.distributed_hooks import SARNoiseSeedHook
 
     seed = SARNoiseSeedHook.iteration_seed
     assert seed(0, 3) == seed(0, 3) == seed(0, 3, rank=0, stream=0)

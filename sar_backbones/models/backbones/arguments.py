@@ -270,8 +270,9 @@ def norm_widths(*, block, stem_channels: int, deep_stem: bool, stage_channels, a
 
     def block_widths(label: str, out: float) -> None:
         widths.append((label, out))
-        if bottleneck:
-            widths.append((f'{label} bottleneck (/4)', out / 4))
+        if bottleneck:  # ResNeXt's middle width follows the cardinality, not C/4
+            mid = block.mid_width(int(out)) if hasattr(block, 'mid_width') else out / 4
+            widths.append((f'{label} bottleneck middle', mid))
 
     for i, width in enumerate(stage_channels):
         if i == 3:

@@ -1,4 +1,4 @@
-"""Hooks that keep SAR training faithful across ranks and interruptions.
+"""Hooks of distributed, resumable SAR training: rank-mean rate logging, per-rank noise seeds.
 
 * :class:`SARRateSyncHook` makes the logged training activation rates the
   mean over all ranks (mmengine logs rank 0's own values only).
