@@ -8,22 +8,32 @@ implementation needs. Dynamo therefore traces a deployed stage in one graph
 and new masks (another image) are new op inputs, not a new graph.
 
 On CPU float32 the op runs the fused native kernel (:mod:`.native`,
-``sar_native::refine_stage``) where it is built; elsewhere, or with
-``SAR_REFINE_KERNEL=torch``, the PyTorch implementation of :mod:`.sparse`.
+``sar_native::refine_stage``) where it is built, on CUDA the Triton kernels
+(:mod:`.triton_refine`); elsewhere, or with ``SAR_REFINE_KERNEL=torch``, the
+PyTorch implementation of :mod:`.sparse`.
 """
 from typing import List
 
 import torch
 from torch import Tensor
 
-from . import native
+from . import native, triton_refine
 from .sparse import output_channels, refine_stage
 
 
 def refine_stage_impl(x: Tensor, masks: Tensor, weights: List[Tensor], biases: List[Tensor],
                       convs_per_block: int, shortcuts: List[int], last_relus: List[int],
                       dilation: int) -> Tensor:
-    """The refine work: the native kernel on CPU float32 where built and chosen, else PyTorch."""
+    """The refine work: the fused kernel of the device where there and chosen, else PyTorch."""
+    kernel = native.refine_kernel()
+    if kernel == 'triton' or (x.is_cuda and kernel != 'torch'):
+        if triton_refine.available(x):
+            return triton_refine.refine_stage(x, masks, weights, biases, convs_per_block,
+                                              shortcuts, last_relus, dilation)
+        if kernel != 'auto':
+            raise RuntimeError(f'SAR_REFINE_KERNEL={kernel}: the Triton refine kernels cannot '
+                               f'run on this {x.device.type} {x.dtype} input '
+                               f'({triton_refine.unavailable_reason(x)})')
     if native.use_native(x) and native.supports(weights, convs_per_block, shortcuts):
         return native.refine_stage(x, masks, weights, biases, convs_per_block, shortcuts,
                                    last_relus, dilation)

@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 from typing import Tuple, Union
 
+from sar_backbones.inference import native
 from sar_backbones.utils.cli import (MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, ArgumentParser,
                                      check_inputs_exist, check_report_paths, float_in, int_in,
                                      non_negative_int, positive_int, run_tool, size_in)
@@ -88,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='torch._inductor.config.freezing for both compiled networks '
                         '(needs --compile)')
     p.add_argument('--refine-kernel', nargs='+', default=['auto'],
-                   choices=['auto', 'native', 'torch'],
+                   choices=list(native.KERNELS),
                    help="implementations of the sparse refine op, timed side by side "
                         "(SAR_REFINE_KERNEL): the first gives the 'sar{d}-sparse@r' rows "
                         "(targets, checks), each other one extra 'sar{d}-sparse[kernel]@r' rows; "
@@ -141,8 +142,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error('argument --freezing: needs --compile')
     if len(set(args.refine_kernel)) != len(args.refine_kernel):
         p.error('argument --refine-kernel: each kernel at most once')
+    if 'triton' in args.refine_kernel:
+        p.error('argument --refine-kernel: triton runs on CUDA; this benchmark times the CPU')
     if 'native' in args.refine_kernel:
-        from sar_backbones.inference import native
         if not native.load():
             p.error('argument --refine-kernel: the native kernel is not built; run '
                     f'`{native.BUILD_COMMAND}`')

@@ -16,9 +16,12 @@ be loaded (a half-built library, one built against another torch) -- the
 PyTorch implementation runs, with one warning naming the build command.
 
 Which implementation runs (for benchmarks and tests): the environment
-variable ``SAR_REFINE_KERNEL`` = ``auto`` (default: native where built and
-applicable), ``native`` (an error where it is not built) or ``torch`` (the
-PyTorch fallback), or :func:`set_refine_kernel` in code.
+variable ``SAR_REFINE_KERNEL`` = ``auto`` (default: the fused kernel of the
+device where it is there -- this library on CPU float32, the Triton kernels of
+:mod:`..triton_refine` on CUDA), ``native`` (the same, an error where it is
+missing), ``torch`` (the PyTorch fallback) or ``triton`` (the Triton kernels
+on any device: CUDA, or the CPU under ``TRITON_INTERPRET=1``, which the tests
+use), or :func:`set_refine_kernel` in code.
 """
 import hashlib
 import os
@@ -30,7 +33,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-KERNELS = ('auto', 'native', 'torch')
+KERNELS = ('auto', 'native', 'torch', 'triton')
 ENV_KERNEL = 'SAR_REFINE_KERNEL'
 ENV_DIR = 'SAR_NATIVE_DIR'
 BUILD_COMMAND = 'python -m sar_backbones.inference.native build'
@@ -139,7 +142,7 @@ def _not_available() -> str:
 
 
 def set_refine_kernel(kernel: Optional[str]) -> None:
-    """Choose the refine op: ``'auto'``, ``'native'``, ``'torch'``; None: the env variable."""
+    """Choose the refine op (one of :data:`KERNELS`); None: the env variable."""
     if kernel is not None and kernel not in KERNELS:
         from sar_backbones.models.errors import InvalidArgumentError
         raise InvalidArgumentError(f'set_refine_kernel: kernel must be one of {KERNELS}, '
@@ -163,7 +166,7 @@ def use_native(x: Tensor) -> bool:
     """Whether the native kernel runs for this input (CPU float32, chosen and built)."""
     global _warned
     kernel = refine_kernel()
-    if kernel == 'torch' or x.device.type != 'cpu' or x.dtype != torch.float32:
+    if kernel in ('torch', 'triton') or x.device.type != 'cpu' or x.dtype != torch.float32:
         return False
     if load():
         return True
