@@ -145,8 +145,23 @@ def markdown(summary: dict, runs: List[dict], command: str, wall: float) -> str:
               f"Machine: {machine.get('cpu_model', platform.processor() or 'unknown')}, "
               f"{machine.get('logical_cpus', os.cpu_count())} logical CPUs, torch "
               f"{machine.get('torch', '?')}, {machine.get('default_threads', '?')} threads. "
-              f'Wall time {wall / 60:.1f} min for {len(runs)} demo runs.', '']
+              'Wall time per demo run: ' + ', '.join(
+                  f"seed {run['seed']}{' again' if run['again'] else ''} "
+                  f"{run['wall_seconds'] / 60:.1f} min" for run in runs) +
+              f'; this command {wall / 60:.1f} min'
+              f"{' (earlier runs reused)' if any(r.get('reused') for r in runs) else ''}.", '']
     return '\n'.join(lines)
+
+
+def reusable(run_dir: Path, seed: int, quick: bool) -> Optional[dict]:
+    """The ``results.json`` of a finished demo run of ``seed`` in ``run_dir`` (None if absent)."""
+    path = run_dir / 'results.json'
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text())
+    if results.get('seed') != seed or bool(results.get('quick')) != quick:
+        return None
+    return results
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -164,6 +179,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='pass --quick to tools/demo.py (tiny data, a few iterations)')
     parser.add_argument('--overwrite', action='store_true',
                         help='run again into a --work-dir that holds earlier runs')
+    parser.add_argument('--reuse', action='store_true',
+                        help='read a run whose results.json (same seed, same --quick) is '
+                        'already in --work-dir instead of running it again (with --overwrite)')
     args = parser.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f'argument --seeds: each seed once, got {args.seeds}')
@@ -195,6 +213,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             cmd.append('--skip-data')
         if args.quick:
             cmd.append('--quick')
+        finished = reusable(run_dir, seed, args.quick) if args.reuse else None
+        if finished is not None:
+            print(f'[{index + 1}/{len(plan)}] reused {run_dir / "results.json"}', flush=True)
+            runs.append(dict(seed=seed, again=again, work_dir=str(run_dir), results=finished,
+                             wall_seconds=float(finished.get('wall_seconds', 0.0)), reused=True))
+            continue
         print(f'[{index + 1}/{len(plan)}] ' + ' '.join(cmd), flush=True)
         run_start = time.perf_counter()
         subprocess.run(cmd, check=True)
