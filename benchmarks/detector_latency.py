@@ -170,7 +170,8 @@ def main(argv=None) -> dict:
     rows = run(size, args.rate, args.reps, args.warmup)
     kernel = native.refine_kernel()
     if kernel == 'auto':
-        kernel = 'auto (native)' if native.load() else 'auto (PyTorch: native not built)'
+        kernel = 'auto (native)' if native.use_native(torch.zeros(1)) else \
+            f'auto (PyTorch: {"native not built" if not native.load() else "threads > 1"})'
     return save_script_report('benchmarks/detector_latency.py', argv, args.out, rows, render,
                               threads=threads, reps=args.reps, warmup=args.warmup,
                               quick=args.quick, rate=args.rate, refine_kernel=kernel)

@@ -182,8 +182,18 @@ def test_kernel_choice_is_checked(monkeypatch):
     assert native.refine_kernel() == 'torch'
     assert not native.use_native(torch.zeros(1))
     native.set_refine_kernel('auto')  # the function wins over the variable
-    assert native.use_native(torch.zeros(1))
-    assert not native.use_native(torch.zeros(1, dtype=torch.float64))  # other dtypes: fallback
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert native.use_native(torch.zeros(1))
+        assert not native.use_native(torch.zeros(1, dtype=torch.float64))  # other dtypes
+        # auto: the PyTorch implementation above AUTO_MAX_THREADS (faster there), unless forced
+        torch.set_num_threads(native.AUTO_MAX_THREADS + 1)
+        assert not native.use_native(torch.zeros(1))
+        native.set_refine_kernel('native')
+        assert native.use_native(torch.zeros(1))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_unbuilt_library_falls_back_with_one_warning_or_fails_when_forced(monkeypatch):

@@ -17,7 +17,8 @@ PyTorch implementation runs, with one warning naming the build command.
 
 Which implementation runs (for benchmarks and tests): the environment
 variable ``SAR_REFINE_KERNEL`` = ``auto`` (default: the fused kernel of the
-device where it is there -- this library on CPU float32, the Triton kernels of
+device where it is there and faster -- this library on CPU float32 on one
+thread (:data:`AUTO_MAX_THREADS`), the Triton kernels of
 :mod:`..triton_refine` on CUDA), ``native`` (the same, an error where it is
 missing), ``torch`` (the PyTorch fallback) or ``triton`` (the Triton kernels
 on any device: CUDA, or the CPU under ``TRITON_INTERPRET=1``, which the tests
@@ -41,6 +42,14 @@ LIBRARY_NAME = 'sar_native_refine'
 SOURCES = [osp.join(osp.dirname(osp.abspath(__file__)), 'refine.cpp')]
 # Vector extensions that change the generated code; the build is keyed by them.
 _CPU_FLAGS = ('avx', 'avx2', 'fma', 'f16c', 'avx512f')
+
+# ``auto`` runs this kernel up to this intra-op thread count, the PyTorch
+# implementation above it. Measured (BENCHMARKS.md v8, 2-core AVX2 EPYC,
+# SAR-R50 at rate 0.5, latency / ResNet-50): one thread, native vs PyTorch
+# 0.636 vs 0.715 at 224 and 0.600 vs 0.620 at 800x1216; two threads 0.820 vs
+# 0.824 at 224 but 0.676 vs 0.547 at 800x1216, where the kernel's pass over
+# the unselected pixels (rate 0: 0.558 vs 0.435) does not scale like ATen's.
+AUTO_MAX_THREADS = 1
 
 _override: Optional[str] = None
 _loaded: Optional[bool] = None  # None: not tried yet
@@ -167,6 +176,8 @@ def use_native(x: Tensor) -> bool:
     global _warned
     kernel = refine_kernel()
     if kernel in ('torch', 'triton') or x.device.type != 'cpu' or x.dtype != torch.float32:
+        return False
+    if kernel == 'auto' and torch.get_num_threads() > AUTO_MAX_THREADS:
         return False
     if load():
         return True
