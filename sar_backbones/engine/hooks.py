@@ -560,13 +560,24 @@ class SARRateCalibrationHook(Hook):
             for data_batch in batches:
                 yield model.data_preprocessor(data_batch, False)['inputs']
 
-        shifts, before = calibrate_backbone(backbone, inputs, target, gather=_gather_margins)
+        after: Dict[int, float] = {}
+        shifts, before = calibrate_backbone(backbone, inputs, target, gather=_gather_margins,
+                                            after=after)
         rounded = {index: [round(v, 3) for v in values] for index, values in shifts.items()}
         source = ('training-set batches through the given pipeline' if self.pipeline
                   else 'last training batches')
         print_log(f'SARRateCalibrationHook: keep-logit shift per masked block and group '
-                  f'{rounded} (eval-mode rates before: {before}; after: {target:g}, on '
-                  f'{len(batches)} {source})', logger='current')
+                  f'{rounded} (eval-mode rates before: {before}; after: {after}; target '
+                  f'{target:g}; on {len(batches)} {source})', logger='current')
+        # Tied margins (a selector that scores many patches alike) cannot be split by a
+        # threshold: say so rather than report t.
+        missed = {index: rate for index, rate in after.items() if abs(rate - target) > 0.05}
+        if missed:
+            print_log(f'SARRateCalibrationHook: blocks {missed} stay more than 0.05 from '
+                      f't = {target:g} after calibration: their selectors give many patches '
+                      'the same margin (ties no threshold splits); train longer or with '
+                      'a larger deterministic_rate_weight', logger='current',
+                      level=logging.WARNING)
         self._batches = []
         return shifts
 
@@ -578,8 +589,9 @@ def _gather_margins(margins: Dict[int, torch.Tensor]) -> Dict[int, torch.Tensor]
             for index in margins}
 
 
-def calibrate_backbone(backbone: nn.Module, batches, target: float,
-                       gather=None) -> Tuple[Dict[int, list], Dict[int, float]]:
+def calibrate_backbone(backbone: nn.Module, batches, target: float, gather=None,
+                       after: Optional[Dict[int, float]] = None
+                       ) -> Tuple[Dict[int, list], Dict[int, float]]:
     """Calibrate every masked block's threshold to rate ``t`` on some inputs, stage by stage.
 
     Args:
@@ -588,6 +600,8 @@ def calibrate_backbone(backbone: nn.Module, batches, target: float,
             (called once per SAR stage).
         target (float): The rate ``t``.
         gather (Callable, optional): Combines the margins of all ranks.
+        after (dict, optional): Filled with each block's rate on the same
+            margins after its shift (see :func:`calibrate_thresholds`).
 
     Returns:
         tuple: See :func:`calibrate_thresholds`; the rates before are those
@@ -606,14 +620,15 @@ def calibrate_backbone(backbone: nn.Module, batches, target: float,
         joined = {index: torch.cat(values, 1) for index, values in margins.items()}
         if gather is not None:
             joined = gather(joined)
-        stage_shifts, stage_before = calibrate_thresholds(backbone, joined, target)
+        stage_shifts, stage_before = calibrate_thresholds(backbone, joined, target, after)
         shifts.update(stage_shifts)
         before.update(stage_before)
     return shifts, before
 
 
-def calibrate_thresholds(backbone: nn.Module, margins: Dict[int, torch.Tensor],
-                         target: float) -> Tuple[Dict[int, list], Dict[int, float]]:
+def calibrate_thresholds(backbone: nn.Module, margins: Dict[int, torch.Tensor], target: float,
+                         after: Optional[Dict[int, float]] = None
+                         ) -> Tuple[Dict[int, list], Dict[int, float]]:
     """Shift each selector group's keep bias so that a share ``t`` of ``margins`` is selected.
 
     The inference decision ``keep - skip > 0`` becomes ``keep - skip > q``
@@ -630,6 +645,8 @@ def calibrate_thresholds(backbone: nn.Module, margins: Dict[int, torch.Tensor],
             each group. Blocks of a later stage must be measured after the
             earlier stages were calibrated (:func:`calibrate_backbone`).
         target (float): The rate ``t`` in (0, 1].
+        after (dict, optional): Filled with each block's rate of the margins
+            after the shift: ``t`` up to ``1/M``, unless ties kept it away.
 
     Returns:
         tuple: Per block, the shift of each group's keep logit, and the rate
@@ -650,6 +667,8 @@ def calibrate_thresholds(backbone: nn.Module, margins: Dict[int, torch.Tensor],
             bias[:, 1] -= threshold.to(bias)
         shifts[index] = [-float(q) for q in threshold]
         before[index] = round(float((block > 0).double().mean()), 3)
+        if after is not None:
+            after[index] = round(float((block > threshold[:, None]).double().mean()), 3)
     return shifts, before
 
 

@@ -119,8 +119,11 @@ def test_calibration_sets_each_block_to_the_target_on_its_data():
             module.fc.weight.data.normal_(std=5.)
             module.norm.bias.data.fill_(1.)
     inputs = torch.rand(8, 3, 32, 32)
-    shifts, before = calibrate_backbone(model, lambda: [inputs[:4], inputs[4:]], 0.25)
+    after = {}
+    shifts, before = calibrate_backbone(model, lambda: [inputs[:4], inputs[4:]], 0.25,
+                                        after=after)
     assert sorted(shifts) == [0, 1, 2] and all(len(v) == 2 for v in shifts.values())
+    assert sorted(after) == [0, 1, 2]
     # The calibrated model's own eval margins (a stage's masks feed the next stage).
     margins = eval_margins(model, inputs)
     model.eval()
@@ -139,6 +142,17 @@ def test_calibration_sets_each_block_to_the_target_on_its_data():
     assert checked >= 2
     with pytest.raises(ValueError, match='3 masked blocks'):
         calibrate_thresholds(model, {5: margins[0].transpose(0, 1).flatten(1)}, 0.25)
+
+
+def test_calibration_reports_the_rate_it_reached_when_margins_tie():
+    """Ties no threshold splits: the rate after calibration is measured, not assumed t."""
+    model = _backbone()
+    tied = torch.tensor([[3., 1., 1., 1., 1., 1., 1., -2.]] * 2, dtype=torch.float64)
+    spread = torch.arange(16, dtype=torch.float64).view(2, 8)
+    after = {}
+    calibrate_thresholds(model, {0: tied, 1: spread}, 0.5, after)
+    assert after[1] == 0.5
+    assert after[0] in (0.125, 0.875)  # the tie of six moves together, away from t
 
 
 @pytest.mark.parametrize('values, target, want', [
