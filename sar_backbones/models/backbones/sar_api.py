@@ -82,6 +82,34 @@ class SARBackboneMixin:
         self._record = ForwardRecord(masks=())
         self._deployed = False
 
+    def _check_image_batch(self, x: Tensor, stem_weight: Tensor) -> None:
+        """What no SAR backbone can take, named: not ``(N, C, H, W)``, other channels, not
+        floating point (or not the stem's dtype outside autocast), an empty training batch."""
+        name = type(self).__name__
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f'{name} expects a 4-D (N, C, H, W) tensor, got {shape}')
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f'{name} expects {self.in_channels} input channels '
+                             f'(in_channels={self.in_channels}), got {x.shape[1]} '
+                             f'in an input of shape {tuple(x.shape)}')
+        if not x.is_floating_point() or (x.dtype != stem_weight.dtype
+                                         and not torch.is_autocast_enabled(x.device.type)):
+            raise TypeError(f'{name} expects a floating-point input of the dtype of its '
+                            f'stem weights ({stem_weight.dtype}) or autocast, got {x.dtype}; '
+                            'normalise images with a data preprocessor first')
+        if self.training and x.shape[0] == 0:
+            raise ValueError(f'{name} got a training batch of 0 images: the activation rates '
+                             'and their loss are undefined; check the data loader and sampler')
+
+    @staticmethod
+    def _freeze(modules: Sequence[torch.nn.Module]) -> None:
+        """Eval mode and no gradients for ``modules`` (``frozen_stages``)."""
+        for module in modules:
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+
     @property
     def num_masked_blocks(self) -> int:
         return sum(stage.num_masked_blocks for stage in self.sar_stages)

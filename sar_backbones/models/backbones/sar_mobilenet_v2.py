@@ -426,27 +426,12 @@ class SARMobileNetV2(SARBackboneMixin, ArchitectureCheckedLoading, BaseModule):
     def _freeze_stages(self) -> None:
         if self.frozen_stages < 0:
             return
-        frozen = [self.conv1] + [getattr(self, name)
-                                 for name in self.layer_names[:self.frozen_stages]]
-        for module in frozen:
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
+        self._freeze([self.conv1] + [getattr(self, name)
+                                     for name in self.layer_names[:self.frozen_stages]])
 
     # ----------------------------------------------------------- forward
     def _check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor) or x.dim() != 4:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f'SARMobileNetV2 expects a 4-D (N, C, H, W) tensor, got {shape}')
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f'SARMobileNetV2 expects {self.in_channels} input channels '
-                             f'(in_channels={self.in_channels}), got {x.shape[1]}')
-        if not x.is_floating_point():
-            raise TypeError(f'SARMobileNetV2 expects a floating-point input, got {x.dtype}; '
-                            'normalise images with a data preprocessor first')
-        if self.training and x.shape[0] == 0:
-            raise ValueError('SARMobileNetV2 got a training batch of 0 images: the activation '
-                             'rates and their loss are undefined')
+        self._check_image_batch(x, self.conv1.conv.weight)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         self._check_input(x)

@@ -397,28 +397,12 @@ class SARResNet(SARBackboneMixin, ArchitectureCheckedLoading, BaseModule):
     def _freeze_stages(self) -> None:
         if self.frozen_stages < 0:
             return
-        frozen = self._stem_modules() + [getattr(self, f'layer{i}')
-                                         for i in range(1, self.frozen_stages + 1)]
-        for module in frozen:
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
+        self._freeze(self._stem_modules() + [getattr(self, f'layer{i}')
+                                             for i in range(1, self.frozen_stages + 1)])
 
     # ------------------------------------------------------------- forward
     def _check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor) or x.dim() != 4:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f'SARResNet expects a 4-D (N, C, H, W) tensor, got {shape}')
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f'SARResNet expects {self.in_channels} input channels '
-                             f'(in_channels={self.in_channels}), got {x.shape[1]} '
-                             f'in an input of shape {tuple(x.shape)}')
-        stem_dtype = (self.stem[0] if self.deep_stem else self.conv1).weight.dtype
-        if not x.is_floating_point() or (x.dtype != stem_dtype
-                                         and not torch.is_autocast_enabled(x.device.type)):
-            raise TypeError(f'SARResNet expects a floating-point input of the dtype of its '
-                            f'stem weights ({stem_dtype}) or autocast, got {x.dtype}; normalise '
-                            'images with a data preprocessor first')
+        self._check_image_batch(x, (self.stem[0] if self.deep_stem else self.conv1).weight)
         if self.patch_grid is not None:
             # SAR stage i works at stride 4 * strides[1] * ... * strides[i] (ceil rounding).
             height, width = x.shape[-2:]
@@ -437,9 +421,6 @@ class SARResNet(SARBackboneMixin, ArchitectureCheckedLoading, BaseModule):
                     f'{grid}x{grid} patch grid (patch_grid={self.patch_grid}); feed at least '
                     f'{need}x{need} pixels or use patch_size=... (a grid that follows the '
                     'input size)')
-        if self.training and x.shape[0] == 0:
-            raise ValueError('SARResNet got a training batch of 0 images: the activation rates '
-                             'and their loss are undefined; check the data loader and sampler')
 
     def _stem_forward(self, x: Tensor) -> Tensor:
         x = self.stem(x) if self.deep_stem else self.relu(self.bn1(self.conv1(x)))
